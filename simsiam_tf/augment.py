@@ -1,0 +1,395 @@
+"""SimSiam augmentation, vectorised over the batch, and the evaluation preprocessing.
+
+This is the only module that imports keras-cv.
+
+The recipe is the one in facebookresearch/simsiam `main_simsiam.py` (torchvision):
+
+    RandomResizedCrop(size, scale=(0.2, 1.0))       ratio (3/4, 4/3), 10 attempts
+    RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8)
+    RandomGrayscale(p=0.2)
+    RandomApply(GaussianBlur(sigma in [0.1, 2.0]), p=0.5)   ImageNet size only
+    RandomHorizontalFlip()
+    Normalize(ImageNet mean, std)
+
+keras-cv's `RandomCropAndResize` and `RandomApply` process one image at a time. Here
+every random parameter is drawn for the whole batch at once and every operation works on
+the batch: crops with one `tf.image.crop_and_resize` over per-image boxes, colour jitter
+with per-image factors and a per-image random order (as torchvision draws one), and
+`p`-gated steps through per-image masks.
+
+Randomness is stateless: each call takes a seed, so a run is reproducible from
+`--seed`, also across `--resume`, and parallel `tf.data` maps do not race on a shared
+generator.
+
+Differences from torchvision, all below what the training distribution can notice:
+- crops are resampled bilinearly with corner-aligned sampling (`crop_and_resize`), not
+  with half-pixel centres; crop boxes themselves are integer pixel boxes drawn exactly
+  as torchvision draws them;
+- the blur kernel is truncated at 3 sigma of the largest sigma (PIL's is exact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras_cv
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+    """Parameters of the SimSiam augmentation. Defaults are the paper's."""
+
+    image_size: int = 32
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    # brightness, contrast, saturation, hue: torchvision ColorJitter arguments.
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    @classmethod
+    def for_image_size(cls, image_size: int) -> "AugmentSpec":
+        """The paper's recipe: Gaussian blur only at ImageNet-like sizes (>= 96 px)."""
+        return cls(image_size=image_size, blur_prob=0.5 if image_size >= 96 else 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation preprocessing: one function for the kNN monitor, the linear probe and the
+# export signature, so training-time evaluation and serving cannot drift apart.
+
+
+def resize_uint8(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Resize uint8 images [B, H, W, 3] to [B, S, S, 3] uint8 (bilinear, antialiased).
+
+    Images already at the target size are returned unchanged. This is also how images
+    are stored for training, so stored and served images go through the same resize.
+    """
+    images = tf.convert_to_tensor(images)
+    shape = tf.shape(images)
+
+    def resize():
+        out = tf.image.resize(images, (image_size, image_size), antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+    same = tf.logical_and(tf.equal(shape[1], image_size), tf.equal(shape[2], image_size))
+    out = tf.cond(same, lambda: tf.cast(images, tf.uint8), resize)
+    return tf.ensure_shape(out, [None, image_size, image_size, 3])
+
+
+def normalize(images: tf.Tensor) -> tf.Tensor:
+    """Map float images in [0, 1] to the model's input: (x - mean) / std, ImageNet stats."""
+    mean = tf.constant(IMAGENET_MEAN, tf.float32)
+    std = tf.constant(IMAGENET_STD, tf.float32)
+    return (tf.cast(images, tf.float32) - mean) / std
+
+
+def eval_preprocess(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    """uint8 [B, H, W, 3] of any size -> float32 [B, S, S, 3], normalised model input."""
+    return normalize(tf.cast(resize_uint8(images, image_size), tf.float32) / 255.0)
+
+
+# ---------------------------------------------------------------------------
+# Pure, batched operations. Images are float32 in [0, 1], [B, H, W, 3]; per-image
+# parameters are vectors of length B.
+
+
+def sample_crop_boxes(seed, batch_size, height, width, scale, ratio, attempts=10):
+    """Draw torchvision RandomResizedCrop boxes for a batch.
+
+    For each image: up to `attempts` tries of area ~ U(scale) * H * W and
+    log(aspect) ~ U(log ratio); the first box that fits is used; if none fits, the
+    centre crop of the largest box with aspect clamped to `ratio`.
+
+    Returns:
+        int32 [B, 4]: top, left, crop height, crop width, in pixels.
+    """
+    s_area, s_ratio, s_top, s_left = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4)
+    )
+    h_f = tf.cast(height, tf.float32)
+    w_f = tf.cast(width, tf.float32)
+    area = h_f * w_f * tf.random.stateless_uniform(
+        [batch_size, attempts], s_area, scale[0], scale[1]
+    )
+    log_r = tf.random.stateless_uniform(
+        [batch_size, attempts],
+        s_ratio,
+        tf.math.log(float(ratio[0])),
+        tf.math.log(float(ratio[1])),
+    )
+    aspect = tf.exp(log_r)
+    # Python's round() in torchvision rounds half to even, as tf.round does.
+    w = tf.round(tf.sqrt(area * aspect))
+    h = tf.round(tf.sqrt(area / aspect))
+    fits = (w > 0) & (w <= w_f) & (h > 0) & (h <= h_f)
+    any_fit = tf.reduce_any(fits, axis=1)
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    w = tf.gather(w, first, batch_dims=1)
+    h = tf.gather(h, first, batch_dims=1)
+
+    # Fallback: the whole image, cut to the nearest allowed aspect ratio, centred.
+    in_ratio = w_f / h_f
+    if_narrow = (w_f, tf.round(w_f / ratio[0]))
+    if_wide = (tf.round(h_f * ratio[1]), h_f)
+    fb_w, fb_h = tf.cond(
+        in_ratio < ratio[0],
+        lambda: if_narrow,
+        lambda: tf.cond(in_ratio > ratio[1], lambda: if_wide, lambda: (w_f, h_f)),
+    )
+    w = tf.where(any_fit, w, fb_w)
+    h = tf.where(any_fit, h, fb_h)
+    # torch.randint(0, H - h + 1): uniform over the valid integer offsets.
+    top_u = tf.random.stateless_uniform([batch_size], s_top)
+    left_u = tf.random.stateless_uniform([batch_size], s_left)
+    top = tf.where(any_fit, tf.floor(top_u * (h_f - h + 1)), tf.floor((h_f - h) / 2))
+    left = tf.where(any_fit, tf.floor(left_u * (w_f - w + 1)), tf.floor((w_f - w) / 2))
+    return tf.cast(tf.stack([top, left, h, w], axis=1), tf.int32)
+
+
+def crop_resize_flip(images, boxes, flips, size):
+    """Crop pixel `boxes` out of `images`, resize to `size`, mirror where `flips`.
+
+    Args:
+        images: [B, H, W, 3], any real or uint8 dtype.
+        boxes: int32 [B, 4] (top, left, height, width), from `sample_crop_boxes`.
+        flips: bool [B].
+    Returns:
+        float32 [B, size, size, 3] in the input's value range.
+    """
+    shape = tf.shape(images)
+    h_den = tf.cast(tf.maximum(shape[1] - 1, 1), tf.float32)
+    w_den = tf.cast(tf.maximum(shape[2] - 1, 1), tf.float32)
+    top, left, h, w = tf.unstack(tf.cast(boxes, tf.float32), axis=1)
+    y1, y2 = top / h_den, (top + h - 1) / h_den
+    x1, x2 = left / w_den, (left + w - 1) / w_den
+    # crop_and_resize mirrors a crop whose x1 > x2: the flip costs nothing.
+    x1, x2 = tf.where(flips, x2, x1), tf.where(flips, x1, x2)
+    return tf.image.crop_and_resize(
+        images,
+        tf.stack([y1, x1, y2, x2], axis=1),
+        tf.range(shape[0]),
+        (size, size),
+        method="bilinear",
+    )
+
+
+def _per_image(factor):
+    return tf.reshape(factor, [-1, 1, 1, 1])
+
+
+def grayscale(images):
+    """Luma of [B, H, W, 3] float images, [B, H, W, 1]."""
+    return tf.reduce_sum(images * tf.constant(_LUMA, images.dtype), -1, keepdims=True)
+
+
+def adjust_brightness(images, factor):
+    """torchvision adjust_brightness: x * f, clipped to [0, 1]."""
+    return tf.clip_by_value(images * _per_image(factor), 0.0, 1.0)
+
+
+def adjust_contrast(images, factor):
+    """torchvision adjust_contrast: blend with the mean luma of each image."""
+    mean = tf.reduce_mean(grayscale(images), axis=[1, 2, 3], keepdims=True)
+    f = _per_image(factor)
+    return tf.clip_by_value(f * images + (1.0 - f) * mean, 0.0, 1.0)
+
+
+def adjust_saturation(images, factor):
+    """torchvision adjust_saturation: blend with the per-pixel luma."""
+    f = _per_image(factor)
+    return tf.clip_by_value(f * images + (1.0 - f) * grayscale(images), 0.0, 1.0)
+
+
+def adjust_hue(images, delta):
+    """torchvision adjust_hue: rotate hue by `delta` turns, in HSV."""
+    hsv = tf.image.rgb_to_hsv(images)
+    h = tf.math.floormod(hsv[..., 0] + tf.reshape(delta, [-1, 1, 1]), 1.0)
+    return tf.image.hsv_to_rgb(tf.stack([h, hsv[..., 1], hsv[..., 2]], axis=-1))
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(images, factors, order):
+    """torchvision ColorJitter with per-image factors and a per-image order.
+
+    Args:
+        images: float32 [B, H, W, 3] in [0, 1].
+        factors: float32 [B, 4]: brightness, contrast, saturation factors and hue delta.
+        order: int32 [B, 4]: a permutation of (0, 1, 2, 3) per image, indexing the ops.
+
+    Each of the four stages splits the batch by the op each image applies at that stage
+    (`dynamic_partition`), runs each op once on its part and stitches the batch back,
+    so every image pays for four ops, whatever the orders.
+    """
+    batch = tf.shape(images)[0]
+    positions = tf.range(batch)
+    for stage in range(4):
+        op_ids = order[:, stage]
+        parts = tf.dynamic_partition(images, op_ids, 4)
+        idx = tf.dynamic_partition(positions, op_ids, 4)
+        facs = tf.dynamic_partition(factors, op_ids, 4)
+        outs = [op(part, fac[:, k]) for k, (op, part, fac) in enumerate(zip(_JITTER_OPS, parts, facs))]
+        images = tf.dynamic_stitch(idx, outs)
+    return images
+
+
+def gaussian_blur(images, sigma, radius):
+    """Separable Gaussian blur with a per-image sigma and reflected borders.
+
+    Args:
+        images: float32 [B, H, W, C].
+        sigma: float32 [B], in pixels.
+        radius: int, the kernel half-width (kernel size 2 * radius + 1).
+    """
+    shape = tf.shape(images)
+    b, h, w, c = shape[0], shape[1], shape[2], shape[3]
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(x[None, :] / sigma[:, None]))
+    kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)  # [B, K]
+    # Fold the batch into channels so one depthwise conv applies per-image kernels.
+    folded = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, h, w, b * c])
+    k = tf.repeat(kernel, c, axis=0)  # [B*C, K], matching the folded channel order
+    pad = [[0, 0], [radius, radius], [radius, radius], [0, 0]]
+    folded = tf.pad(folded, pad, mode="REFLECT")
+    kh = tf.reshape(tf.transpose(k), [2 * radius + 1, 1, -1, 1])
+    kw = tf.reshape(tf.transpose(k), [1, 2 * radius + 1, -1, 1])
+    folded = tf.nn.depthwise_conv2d(folded, kh, [1, 1, 1, 1], "VALID")
+    folded = tf.nn.depthwise_conv2d(folded, kw, [1, 1, 1, 1], "VALID")
+    return tf.transpose(tf.reshape(folded, [h, w, b, c]), [2, 0, 1, 3])
+
+
+# ---------------------------------------------------------------------------
+# The keras-cv layer.
+
+
+class SimSiamAugment(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
+    """One SimSiam view of a batch: uint8 [B, H, W, 3] -> float32 [B, S, S, 3], normalised.
+
+    Call it twice with different seeds on the same batch to get the two views:
+
+        augment = SimSiamAugment(AugmentSpec(image_size=32))
+        seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split([0, step], 2))
+        x1, x2 = augment(images, seed=seed1), augment(images, seed=seed2)
+
+    `seed` is a shape-[2] integer tensor; equal seeds give equal views.
+    """
+
+    def __init__(self, spec: AugmentSpec, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = spec
+        self._blur_radius = int(round(3 * spec.blur_sigma[1]))
+        self._call_seed = None
+
+    def call(self, images, seed):
+        # keras-cv hands get_random_transformation_batch only the images, so this
+        # call's seed rides on the layer while the call is traced.
+        self._call_seed = tf.cast(seed, tf.int64)
+        try:
+            return super().call(images)
+        finally:
+            self._call_seed = None
+
+    def get_random_transformation_batch(self, batch_size, images=None, **kwargs):
+        spec = self.spec
+        seeds = tf.unstack(tf.random.experimental.stateless_split(self._call_seed, 8))
+        shape = tf.shape(images)
+
+        def coin(seed, p):
+            return tf.random.stateless_uniform([batch_size], seed) < p
+
+        b, c, s, h = spec.jitter
+        low = tf.constant([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+        high = tf.constant([1 + b, 1 + c, 1 + s, h])
+        unit = tf.random.stateless_uniform([batch_size, 4], seeds[2])
+        order = tf.argsort(tf.random.stateless_uniform([batch_size, 4], seeds[3]), axis=1)
+        return {
+            "boxes": sample_crop_boxes(
+                seeds[0], batch_size, shape[1], shape[2], spec.crop_scale, spec.crop_ratio
+            ),
+            "flip": coin(seeds[1], spec.flip_prob),
+            "jitter_factors": low + unit * (high - low),
+            "jitter_order": tf.cast(order, tf.int32),
+            "jitter": coin(seeds[4], spec.jitter_prob),
+            "grayscale": coin(seeds[5], spec.grayscale_prob),
+            "blur": coin(seeds[6], spec.blur_prob),
+            "blur_sigma": tf.random.stateless_uniform(
+                [batch_size], seeds[7], spec.blur_sigma[0], spec.blur_sigma[1]
+            ),
+        }
+
+    def augment_images(self, images, transformations, **kwargs):
+        t = transformations
+        x = crop_resize_flip(images, t["boxes"], t["flip"], self.spec.image_size) / 255.0
+        jittered = color_jitter(x, t["jitter_factors"], t["jitter_order"])
+        x = tf.where(_per_image(t["jitter"]), jittered, x)
+        x = tf.where(_per_image(t["grayscale"]), tf.tile(grayscale(x), [1, 1, 1, 3]), x)
+        if self.spec.blur_prob > 0:
+            blurred = gaussian_blur(x, t["blur_sigma"], self._blur_radius)
+            x = tf.where(_per_image(t["blur"]), blurred, x)
+        return normalize(x)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.spec.image_size, self.spec.image_size, 3)
+
+    def get_config(self):
+        config = super().get_config()
+        config["spec"] = dataclasses.asdict(self.spec)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        spec = {k: tuple(v) if isinstance(v, list) else v for k, v in config.pop("spec").items()}
+        return cls(AugmentSpec(**spec), **config)
+
+
+def two_views(augment: SimSiamAugment, images: tf.Tensor, seed: tf.Tensor):
+    """Both SimSiam views of one batch of images, from one seed."""
+    seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    return augment(images, seed=seed1), augment(images, seed=seed2)
+
+
+def naive_keras_cv_augment(spec: AugmentSpec, seed: int = 0):
+    """The straightforward keras-cv composition of the recipe, for benchmarks only.
+
+    `RandomCropAndResize` and `RandomApply` process one image at a time, and keras-cv's
+    colour jitter parameterises brightness additively; this is the baseline the
+    vectorised layer is measured against, not a faithful copy of the recipe.
+    """
+    layers = keras_cv.layers
+    return keras_cv.layers.Augmenter(
+        [
+            layers.RandomCropAndResize(
+                (spec.image_size, spec.image_size),
+                crop_area_factor=spec.crop_scale,
+                aspect_ratio_factor=spec.crop_ratio,
+                seed=seed,
+            ),
+            layers.RandomFlip("horizontal", seed=seed),
+            layers.RandomApply(
+                layers.RandomColorJitter(
+                    value_range=(0, 255),
+                    brightness_factor=spec.jitter[0],
+                    contrast_factor=spec.jitter[1],
+                    saturation_factor=(0.5 - spec.jitter[2] / 2, 0.5 + spec.jitter[2] / 2),
+                    hue_factor=spec.jitter[3],
+                    seed=seed,
+                ),
+                rate=spec.jitter_prob,
+                seed=seed,
+            ),
+            layers.RandomApply(
+                layers.Grayscale(output_channels=3), rate=spec.grayscale_prob, seed=seed
+            ),
+        ]
+    )

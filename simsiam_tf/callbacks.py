@@ -1,0 +1,270 @@
+"""Keras callbacks for a training run: crash-safe backups, TensorBoard, kNN, checkpoints.
+
+Run directory layout (everything a run writes):
+
+    config.json                      the resolved TrainConfig
+    summary.json                     rewritten after every epoch (see TrainingMonitor)
+    tb/                              TensorBoard events
+    checkpoints/last/                Keras BackupAndRestore: latest.weights.h5 (model and
+                                     optimizer) and training_metadata.json (epoch)
+    checkpoints/best/                model.weights.h5 and info.json, best kNN top-1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from simsiam_tf import augment as aug
+from simsiam_tf.config import write_json_atomic
+from simsiam_tf.data import subset
+from simsiam_tf.diagnostics import knn
+
+LAST_DIR = os.path.join("checkpoints", "last")
+BEST_DIR = os.path.join("checkpoints", "best")
+WEIGHTS_FILE = "model.weights.h5"
+
+
+def _save_weights_atomic(model: keras.Model, path: str) -> None:
+    """Write weights to a temporary file beside `path`, then rename it into place."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    model.save_weights(tmp, overwrite=True)
+    os.replace(tmp, path)
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras BackupAndRestore whose files are never left half-written.
+
+    Keras writes the weights and the epoch metadata in place; a kill during the write
+    leaves a truncated file that the next start fails to load. Here both are written to
+    temporary files and renamed, weights first, so the metadata never names an epoch
+    whose weights are not complete.
+    """
+
+    def __init__(self, backup_dir: str):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        _save_weights_atomic(self.model, self._weights_path)
+        write_json_atomic(
+            self._training_metadata_path,
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen},
+        )
+
+
+def completed_epochs(backup_dir: str) -> int:
+    """Epochs finished according to a BackupAndRestore directory (0 if none)."""
+    path = os.path.join(backup_dir, "training_metadata.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f)["epoch"])
+
+
+class FeatureExtractor:
+    """Backbone features (float32 [N, F]) of uint8 images, with the evaluation preprocessing."""
+
+    def __init__(self, backbone: keras.Model, image_size: int, batch_size: int = 256):
+        self.backbone = backbone
+        self.batch_size = batch_size
+        self.dim = backbone.output.shape[-1]
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        def embed(x):
+            return tf.cast(backbone(aug.eval_preprocess(x, image_size), training=False), tf.float32)
+
+        self._embed = embed
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        out = [
+            self._embed(tf.constant(images[i : i + self.batch_size])).numpy()
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros([0, self.dim], np.float32)
+
+
+class KnnProbe:
+    """kNN top-1 of the backbone's features: bank = train split, queries = test split."""
+
+    def __init__(self, data, image_size: int, k: int, temperature: float, bank_limit: int = 0):
+        bank = subset(len(data.train_images), bank_limit)
+        self.bank_images = data.train_images[bank]
+        self.bank_labels = data.train_labels[bank]
+        self.test_images = data.test_images
+        self.test_labels = data.test_labels
+        self.num_classes = int(max(self.bank_labels.max(), self.test_labels.max()) + 1)
+        self.image_size = image_size
+        self.k = k
+        self.temperature = temperature
+        self._extractors = {}
+
+    def __call__(self, backbone: keras.Model) -> float:
+        if id(backbone) not in self._extractors:
+            self._extractors[id(backbone)] = FeatureExtractor(backbone, self.image_size)
+        extract = self._extractors[id(backbone)]
+        bank = extract(self.bank_images)
+        queries = extract(self.test_images)
+        return knn.knn_accuracy(
+            bank, self.bank_labels, queries, self.test_labels, self.num_classes, self.k, self.temperature
+        )
+
+
+class TrainingMonitor(keras.callbacks.Callback):
+    """TensorBoard scalars and images, kNN every few epochs, best checkpoint, summary.json.
+
+    TensorBoard tags: train/loss, train/z_std, train/lr (every `log_every` steps and per
+    epoch as epoch/*), knn/top1, and images views/pairs (view 1 | view 2 per row).
+    The best checkpoint is chosen by kNN top-1, never by the self-supervised loss, which
+    a collapsed model minimises.
+    """
+
+    def __init__(
+        self,
+        logdir: str,
+        config,
+        steps_per_epoch: int,
+        knn_probe: KnnProbe | None,
+        view_pairs: tuple[np.ndarray, np.ndarray] | None = None,
+        previous_summary: dict | None = None,
+        is_chief: bool = True,
+    ):
+        super().__init__()
+        self.logdir = logdir
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch
+        self.knn_probe = knn_probe
+        self.view_pairs = view_pairs
+        self.is_chief = is_chief
+        self.writer = tf.summary.create_file_writer(os.path.join(logdir, "tb")) if is_chief else None
+        prev = previous_summary or {}
+        self.summary = {
+            "epochs_completed": prev.get("epochs_completed", 0),
+            "epochs": config.epochs,
+            "loss": prev.get("loss"),
+            "z_std": prev.get("z_std"),
+            "z_std_reference": 1.0 / np.sqrt(config.proj_dim),
+            "knn_top1": prev.get("knn_top1"),
+            "knn_top1_init": prev.get("knn_top1_init"),
+            "knn_top1_best": prev.get("knn_top1_best"),
+            "knn_best_epoch": prev.get("knn_best_epoch"),
+            "train_images_per_sec": prev.get("train_images_per_sec"),
+            "wall_time_s": prev.get("wall_time_s", 0.0),
+            "history": prev.get("history", []),
+        }
+        self._train_time = prev.get("train_time_s", 0.0)
+        self._train_images = prev.get("train_images", 0)
+        self._wall_before = self.summary["wall_time_s"]
+        self._first_epoch = None
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _scalar(self, tag, value, step):
+        if self.writer is not None and value is not None:
+            with self.writer.as_default():
+                tf.summary.scalar(tag, float(value), step=int(step))
+
+    def _run_knn(self):
+        if self.knn_probe is None:
+            return None
+        started = time.time()
+        top1 = self.knn_probe(self.model.backbone)
+        self._knn_time += time.time() - started
+        return top1
+
+    def _write_summary(self):
+        if not self.is_chief:
+            return
+        self.summary["wall_time_s"] = round(self._wall_before + time.time() - self._started, 2)
+        self.summary["train_time_s"] = round(self._train_time, 2)
+        self.summary["train_images"] = self._train_images
+        write_json_atomic(os.path.join(self.logdir, "summary.json"), self.summary)
+
+    # -- Keras hooks -------------------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        self._started = time.time()
+        self._knn_time = 0.0
+        if self.summary["knn_top1_init"] is None and self.knn_probe is not None:
+            top1 = self._run_knn()
+            self.summary["knn_top1_init"] = top1
+            self._scalar("knn/top1", top1, 0)
+            print(f"kNN top-1 before training: {top1:.4f}", flush=True)
+        if self.view_pairs is not None and self.writer is not None:
+            x1, x2 = self.view_pairs
+            mean, std = np.array(aug.IMAGENET_MEAN), np.array(aug.IMAGENET_STD)
+            pairs = np.concatenate([x1, x2], axis=2) * std + mean
+            with self.writer.as_default():
+                tf.summary.image("views/pairs", np.clip(pairs, 0, 1), step=0, max_outputs=len(pairs))
+        self._write_summary()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_started = time.time()
+        self._knn_time = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if logs and step % self.config.log_every_steps == 0:
+            for key in ("loss", "z_std", "lr"):
+                if key in logs:
+                    self._scalar(f"train/{key}", np.ravel(logs[key])[0], step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(np.ravel(v)[0]) for k, v in (logs or {}).items()}
+        epoch_time = time.time() - self._epoch_started
+        images = self.steps_per_epoch * self.config.batch_size
+        # The first epoch of a process includes graph tracing: it counts only while it
+        # is the only epoch measured.
+        if self._first_epoch is None:
+            self._first_epoch = (epoch_time, images)
+        else:
+            self._train_time += epoch_time
+            self._train_images += images
+        done = epoch + 1
+        step = done * self.steps_per_epoch
+        for key in ("loss", "z_std", "lr"):
+            self._scalar(f"epoch/{key}", logs.get(key), step)
+        record = {"epoch": done, "loss": logs.get("loss"), "z_std": logs.get("z_std"), "lr": logs.get("lr")}
+
+        every = self.config.knn_every
+        if self.knn_probe is not None and every and (done % every == 0 or done == self.config.epochs):
+            top1 = self._run_knn()
+            record["knn_top1"] = top1
+            self.summary["knn_top1"] = top1
+            self._scalar("knn/top1", top1, step)
+            best = self.summary["knn_top1_best"]
+            if best is None or top1 > best:
+                self.summary["knn_top1_best"] = top1
+                self.summary["knn_best_epoch"] = done
+                self._save_best(done, top1)
+            print(f"\nepoch {done}: kNN top-1 {top1:.4f}", flush=True)
+
+        self.summary["epochs_completed"] = done
+        self.summary["loss"] = logs.get("loss")
+        self.summary["z_std"] = logs.get("z_std")
+        seconds, counted = self._train_time, self._train_images
+        if seconds == 0:
+            seconds, counted = self._first_epoch
+        self.summary["train_images_per_sec"] = round(counted / seconds, 2)
+        self.summary["history"].append(record)
+        self._write_summary()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        self._write_summary()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _save_best(self, epoch, top1):
+        if not self.is_chief:
+            return
+        best_dir = os.path.join(self.logdir, BEST_DIR)
+        os.makedirs(best_dir, exist_ok=True)
+        _save_weights_atomic(self.model, os.path.join(best_dir, WEIGHTS_FILE))
+        write_json_atomic(os.path.join(best_dir, "info.json"), {"epoch": epoch, "knn_top1": top1})

@@ -1,0 +1,412 @@
+"""Image sources (bundled digits, tensorflow-datasets, image folders) and the tf.data
+pipeline that turns them into pairs of augmented views.
+
+Every source is decoded once, resized to the training size with the evaluation resize
+(`augment.resize_uint8`), and held in memory as uint8. Each training step then gathers a
+batch of images by index and augments it on the batch, so JPEGs are never decoded twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from simsiam_tf import augment as aug
+from simsiam_tf.config import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+OFFLINE_ALTERNATIVES = (
+    "offline alternatives: --dataset digits (bundled with scikit-learn), "
+    "--dataset folder:PATH (PATH/train/<class>/*.jpg), "
+    "or --data-dir pointing at a TFDS data_dir prepared on a machine with network"
+)
+
+
+@dataclasses.dataclass
+class ImageData:
+    """A dataset held in memory.
+
+    Attributes:
+        train_images, test_images: uint8 [N, S, S, 3]; test_images may be None.
+        train_labels, test_labels: int32 [N], or None where the split is unlabelled.
+        class_names: names of the label ids, [] when unlabelled.
+        skipped: files that could not be decoded and were left out.
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray | None
+    test_images: np.ndarray | None
+    test_labels: np.ndarray | None
+    class_names: list[str]
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def has_knn_splits(self) -> bool:
+        """True when kNN monitoring is possible: labelled train and test splits."""
+        return (
+            self.train_labels is not None
+            and self.test_images is not None
+            and self.test_labels is not None
+            and len(self.test_images) > 0
+        )
+
+
+def load(
+    dataset: str,
+    image_size: int,
+    data_dir: str | None = None,
+    train_limit: int = 0,
+    memory_fraction: float = 0.5,
+) -> ImageData:
+    """Load `dataset` into memory at `image_size`.
+
+    Args:
+        dataset: "digits", "folder:PATH", or a tensorflow-datasets name ("cifar10").
+        data_dir: the TFDS data_dir (ignored by the other sources).
+        train_limit: keep a fixed random subset of this many training images (0 = all).
+        memory_fraction: refuse datasets whose images need more than this fraction of
+            the machine's memory.
+
+    Raises:
+        UsageError: unknown dataset, missing or empty folder, no network for a TFDS
+            download, or a dataset that does not fit in memory.
+    """
+    if dataset == "digits":
+        data = load_digits(image_size)
+    elif dataset.startswith("folder:"):
+        data = load_folder(dataset[len("folder:"):], image_size, memory_fraction, train_limit)
+    else:
+        data = load_tfds(dataset, image_size, data_dir, memory_fraction)
+    if train_limit and train_limit < len(data.train_images):
+        keep = subset(len(data.train_images), train_limit)
+        data.train_images = data.train_images[keep]
+        if data.train_labels is not None:
+            data.train_labels = data.train_labels[keep]
+    return data
+
+
+def subset(n: int, limit: int) -> np.ndarray:
+    """A fixed random subset of range(n) of size `limit`, sorted; independent of --seed."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).permutation(n)[:limit])
+
+
+# ---------------------------------------------------------------------------
+# Sources.
+
+
+def load_digits(image_size: int = 32) -> ImageData:
+    """scikit-learn's bundled 8x8 digits, upsampled to RGB `image_size`, split 75/25.
+
+    The split is stratified and fixed (random_state=0), so every run and every test sees
+    the same 1,347 training and 450 test images.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sk_digits()
+    # Pixel values are 0..16; scale to 0..255 before resizing.
+    small = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    rgb = np.repeat(small[..., None], 3, axis=-1)
+    images = tf.image.resize(rgb, (image_size, image_size), method="bilinear")
+    images = np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
+    labels = digits.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=0.25, stratify=labels, random_state=0
+    )
+    return ImageData(
+        name="digits",
+        train_images=x_train,
+        train_labels=y_train,
+        test_images=x_test,
+        test_labels=y_test,
+        class_names=[str(d) for d in range(10)],
+    )
+
+
+def _image_files(directory: str) -> list[str]:
+    """Image files under `directory`, sorted; symlinked directories are not followed."""
+    found = []
+    for root, dirs, files in os.walk(directory, followlinks=False):
+        dirs.sort()
+        found.extend(
+            os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    return found
+
+
+def _scan_split(root: str) -> tuple[list[str], list[int] | None, list[str]]:
+    """Files, labels and class names of one split folder.
+
+    A folder with image-holding subfolders is labelled by subfolder name; a folder of
+    loose images is unlabelled.
+    """
+    classes = sorted(
+        d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and _image_files(os.path.join(root, d))
+    )
+    if classes:
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            class_files = _image_files(os.path.join(root, name))
+            files.extend(class_files)
+            labels.extend([label] * len(class_files))
+        return files, labels, classes
+    return _image_files(root), None, []
+
+
+def load_folder(path: str, image_size: int, memory_fraction: float = 0.5, train_limit: int = 0) -> ImageData:
+    """Read an image folder: PATH/train/<class>/* and PATH/test/<class>/*, or loose images.
+
+    Files that cannot be decoded are skipped and listed in `ImageData.skipped`. With
+    `train_limit`, only that many training files (a fixed random subset) are decoded.
+    """
+    if not path:
+        raise UsageError("--dataset folder: needs a path, e.g. --dataset folder:../shared/datasets/cifar10")
+    if not os.path.isdir(path):
+        raise UsageError(f"image folder {path!r} does not exist or is not a directory; check --dataset folder:PATH")
+    train_root = os.path.join(path, "train")
+    if not os.path.isdir(train_root):
+        train_root = path
+    train_files, train_labels, classes = _scan_split(train_root)
+    if not train_files:
+        raise UsageError(
+            f"image folder {train_root!r} holds no .jpg, .jpeg or .png files; "
+            "expected PATH/train/<class>/*.jpg or a folder of images"
+        )
+    test_files, test_labels = [], None
+    test_root = os.path.join(path, "test")
+    if train_root != path and os.path.isdir(test_root):
+        test_files, test_labels, test_classes = _scan_split(test_root)
+        if test_labels is not None and train_labels is not None:
+            unknown = sorted(set(test_classes) - set(classes))
+            if unknown:
+                raise UsageError(
+                    f"test classes {unknown} in {test_root!r} are not among the train classes; "
+                    "the test split must use the train split's class folders"
+                )
+            remap = [classes.index(name) for name in test_classes]
+            test_labels = [remap[label] for label in test_labels]
+    if train_limit:
+        keep = subset(len(train_files), train_limit)
+        train_files = [train_files[i] for i in keep]
+        train_labels = None if train_labels is None else [train_labels[i] for i in keep]
+    _check_memory(len(train_files) + len(test_files), image_size, memory_fraction, path)
+
+    name = f"folder:{path}"
+    started = time.time()
+    x_train, y_train, bad_train = decode_files(train_files, train_labels, image_size)
+    x_test, y_test, bad_test = (None, None, [])
+    if test_files:
+        x_test, y_test, bad_test = decode_files(test_files, test_labels, image_size)
+    print(
+        f"Decoded {len(train_files) + len(test_files):,} images from {path} "
+        f"in {time.time() - started:.0f} s",
+        file=sys.stderr,
+    )
+    if len(x_train) == 0:
+        raise UsageError(f"none of the {len(train_files)} image files in {train_root!r} could be decoded")
+    return ImageData(
+        name=name,
+        train_images=x_train,
+        train_labels=y_train,
+        test_images=x_test,
+        test_labels=y_test,
+        class_names=classes,
+        skipped=bad_train + bad_test,
+    )
+
+
+def decode_files(files: list[str], labels: list[int] | None, image_size: int):
+    """Decode and resize image files in parallel with tf.data.
+
+    Returns:
+        (uint8 [N, S, S, 3], int32 [N] or None, list of the files that failed).
+    """
+    paths = np.array([os.fsencode(f) for f in files], dtype=object)
+    index = np.arange(len(files), dtype=np.int64)
+
+    def read(path, i):
+        raw = tf.io.read_file(path)
+        image = tf.io.decode_image(raw, channels=3, dtype=tf.uint8, expand_animations=False)
+        return aug.resize_uint8(image[None], image_size)[0], i
+
+    ds = (
+        tf.data.Dataset.from_tensor_slices((paths, index))
+        .map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .ignore_errors()
+        .batch(1024)
+        .prefetch(2)
+    )
+    chunks, kept = [], []
+    for images, i in ds:
+        chunks.append(images.numpy())
+        kept.append(i.numpy())
+    kept_idx = np.concatenate(kept) if kept else np.zeros([0], np.int64)
+    images = np.concatenate(chunks) if chunks else np.zeros([0, image_size, image_size, 3], np.uint8)
+    failed = sorted(set(range(len(files))) - set(kept_idx.tolist()))
+    out_labels = None if labels is None else np.asarray(labels, np.int32)[kept_idx]
+    return images, out_labels, [files[i] for i in failed]
+
+
+def _check_memory(count: int, image_size: int, fraction: float, what: str) -> None:
+    needed = count * image_size * image_size * 3
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > fraction * total:
+        raise UsageError(
+            f"{what}: {count:,} images at {image_size} px need {needed / 2**30:.1f} GiB in memory, "
+            f"more than {fraction:.0%} of this machine's {total / 2**30:.0f} GiB; "
+            "use a smaller --image-size or a subset of the images"
+        )
+
+
+def network_available(host: str = "storage.googleapis.com", timeout: float = 3.0) -> bool:
+    """Whether the host TFDS downloads from can be reached at all (one quick connect)."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_tfds(name: str, image_size: int, data_dir: str | None, memory_fraction: float = 0.5) -> ImageData:
+    """Load a tensorflow-datasets image classification dataset ("train" and "test" splits)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UsageError(
+            f"unknown dataset {name!r}: not 'digits', not 'folder:PATH' and not a "
+            f"tensorflow-datasets name; {OFFLINE_ALTERNATIVES}"
+        )
+    if not builder.is_prepared():
+        if not network_available():
+            raise UsageError(
+                f"tensorflow-datasets cannot download {name!r}: no network, and it is not "
+                f"prepared in {builder.data_dir!r}; {OFFLINE_ALTERNATIVES}"
+            )
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # TFDS raises many unrelated types for a failed download
+            raise UsageError(
+                f"tensorflow-datasets could not download {name!r} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); {OFFLINE_ALTERNATIVES}"
+            )
+    supervised = builder.info.supervised_keys is not None
+    label_feature = builder.info.features["label"] if "label" in builder.info.features else None
+    class_names = list(label_feature.names) if label_feature is not None else []
+
+    splits = list(builder.info.splits.keys()) or ["train", "test"]
+    test_split = next((s for s in ("test", "validation") if s in splits), None)
+    counts = [builder.info.splits[s].num_examples for s in builder.info.splits.keys()]
+    if counts:
+        _check_memory(sum(counts), image_size, memory_fraction, f"tensorflow-datasets {name!r}")
+
+    def materialise(split):
+        ds = builder.as_dataset(split=split, as_supervised=supervised)
+        if not supervised:
+            ds = ds.map(lambda ex: (ex["image"], tf.constant(-1, tf.int64)))
+        ds = ds.map(
+            lambda x, y: (aug.resize_uint8(_to_rgb(x)[None], image_size)[0], tf.cast(y, tf.int32)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        ).batch(1024)
+        xs, ys = [], []
+        for x, y in ds:
+            xs.append(x.numpy())
+            ys.append(y.numpy())
+        return np.concatenate(xs), np.concatenate(ys)
+
+    x_train, y_train = materialise("train")
+    x_test, y_test = materialise(test_split) if test_split else (None, None)
+    if not supervised:
+        y_train = y_test = None
+    return ImageData(
+        name=name,
+        train_images=x_train,
+        train_labels=y_train,
+        test_images=x_test,
+        test_labels=y_test,
+        class_names=class_names,
+    )
+
+
+def _to_rgb(image):
+    """TFDS image features declare their channels: 1 (grey), 3 (RGB) or 4 (RGBA)."""
+    image = tf.cast(image, tf.uint8)
+    channels = image.shape[-1]
+    if channels == 1:
+        return tf.image.grayscale_to_rgb(image)
+    if channels == 4:
+        return image[..., :3]
+    return image
+
+
+# ---------------------------------------------------------------------------
+# The training pipeline.
+
+
+def steps_per_epoch(num_images: int, global_batch: int) -> int:
+    """Full batches per epoch; the last partial batch is dropped, as in the official code."""
+    return num_images // global_batch
+
+
+def pair_dataset(
+    images: np.ndarray,
+    global_batch: int,
+    augment: aug.SimSiamAugment,
+    seed: int,
+    epochs: int,
+    initial_epoch: int = 0,
+) -> tf.data.Dataset:
+    """Batches of two augmented views, ((x1, x2)), for epochs initial_epoch..epochs-1.
+
+    The order and every augmentation are drawn from stateless seeds derived from
+    (seed, epoch) and (seed, step), so a resumed run sees exactly the batches an
+    uninterrupted run would have seen. Both views of an image come from the same gathered
+    uint8 batch in one `map`.
+    """
+    num = len(images)
+    steps = steps_per_epoch(num, global_batch)
+    if steps < 1:
+        raise UsageError(
+            f"--batch-size {global_batch} is larger than the {num} training images; "
+            f"use --batch-size {max(2, num // 2)} or less"
+        )
+    stored = tf.constant(images)
+
+    def epoch_batches(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(num, dtype=tf.int32), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
+        batches = tf.reshape(order[: steps * global_batch], [steps, global_batch])
+        step = epoch * steps + tf.range(steps, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices((batches, step))
+
+    def make_views(index, step):
+        batch_seed = tf.stack([tf.constant(seed, tf.int64), tf.constant(1, tf.int64) + step])
+        return aug.two_views(augment, tf.gather(stored, index), batch_seed)
+
+    return (
+        tf.data.Dataset.range(initial_epoch, epochs)
+        .flat_map(epoch_batches)
+        .map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def eval_batches(images: np.ndarray, image_size: int, batch_size: int = 256) -> tf.data.Dataset:
+    """Evaluation-preprocessed batches of `images`, in order, for feature extraction."""
+    return (
+        tf.data.Dataset.from_tensor_slices(images)
+        .batch(batch_size)
+        .map(lambda x: aug.eval_preprocess(x, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )

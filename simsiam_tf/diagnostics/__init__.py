@@ -1,0 +1,1 @@
+"""Representation diagnostics: kNN evaluation and collapse metrics."""

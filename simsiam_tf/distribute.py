@@ -1,0 +1,100 @@
+"""Distribution strategies for `--strategy default|mirrored|multi_worker|tpu`.
+
+`make_strategy` must run before TensorFlow executes anything: splitting the CPU into
+logical devices (for MirroredStrategy without GPUs) and MultiWorkerMirroredStrategy both
+need an uninitialised runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import tensorflow as tf
+
+from simsiam_tf.config import UsageError
+
+
+def split_cpu(replicas: int) -> list[str]:
+    """Make `replicas` logical CPU devices and return their names.
+
+    Used to run MirroredStrategy on a machine without GPUs, as the tests do.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    configured = tf.config.get_logical_device_configuration(cpu)
+    if configured is None or len(configured) != replicas:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)]
+            )
+        except RuntimeError:
+            raise UsageError(
+                f"cannot split the CPU into {replicas} devices: TensorFlow is already "
+                "running; create the strategy before anything else"
+            )
+    return [f"/cpu:{i}" for i in range(replicas)]
+
+
+def make_strategy(name: str, cpu_replicas: int = 1) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for `--strategy`.
+
+    mirrored: all local GPUs; without GPUs, `cpu_replicas` logical CPU devices.
+    multi_worker: MultiWorkerMirroredStrategy configured from the TF_CONFIG variable.
+    tpu: TPUStrategy on the TPU found by TPUClusterResolver.
+    """
+    if cpu_replicas > 1 and name != "mirrored":
+        raise UsageError("--cpu-replicas only applies to --strategy mirrored")
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        if tf.config.list_physical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        devices = split_cpu(cpu_replicas) if cpu_replicas > 1 else ["/cpu:0"]
+        if cpu_replicas == 1:
+            print(
+                "note: no GPU found; MirroredStrategy runs on one CPU replica "
+                "(--cpu-replicas N splits the CPU into N replicas)",
+                file=sys.stderr,
+            )
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        raw = os.environ.get("TF_CONFIG")
+        if not raw:
+            raise UsageError(
+                "--strategy multi_worker needs the TF_CONFIG environment variable "
+                '(e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                '"task": {"type": "worker", "index": 0}}); see docs/multi_worker.md'
+            )
+        try:
+            json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"TF_CONFIG is not valid JSON ({e})")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as e:
+            raise UsageError(f"--strategy tpu: no TPU found ({str(e).splitlines()[0][:160]})")
+        return tf.distribute.TPUStrategy(resolver)
+    raise UsageError(f"--strategy {name!r}: choose default, mirrored, multi_worker or tpu")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's shared files (logs, summary, best checkpoint)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    if "chief" in cluster:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def worker_id(strategy: tf.distribute.Strategy) -> str:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return "0"
+    return f"{resolver.task_type}{resolver.task_id}"

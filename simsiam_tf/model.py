@@ -1,0 +1,258 @@
+"""The SimSiam networks: backbone, projection MLP, prediction MLP and the training step.
+
+Architecture, as in facebookresearch/simsiam `simsiam/builder.py` and the paper:
+
+- Encoder f = backbone + projection MLP. "The projection MLP (in f) has BN applied to
+  each fully-connected (fc) layer, including its output fc. Its output fc has no ReLU.
+  The hidden fc is 2048-d. This MLP has 3 layers." CIFAR uses 2 layers.
+- Predictor h: "The prediction MLP (h) has BN applied to its hidden fc layers. Its
+  output fc does not have BN or ReLU. This MLP has 2 layers." 2048 -> 512 -> 2048.
+
+Initialisation, BatchNorm momentum and epsilon follow PyTorch, because the paper's
+results were obtained with them and Keras's defaults differ:
+
+- conv: kaiming normal, fan_out, ReLU gain (torchvision ResNet);
+- fc: kaiming uniform with a = sqrt(5) (torch.nn.Linear), i.e. U(+-1/sqrt(fan_in)),
+  and the same bound for biases;
+- BatchNorm: PyTorch momentum 0.1 and eps 1e-5, i.e. Keras momentum 0.9;
+- the last BN of each residual block starts at gamma = 0 (`zero_init_residual=True`, as
+  the official builder asks of torchvision).
+
+BatchNorm is synchronised across replicas when there are several, so one step on N
+replicas equals one step on a single device with the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from simsiam_tf import losses
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+# Initialisers are made per layer: a Keras initialiser instance draws its seed once,
+# so sharing one would give every same-shaped kernel identical values. Made after
+# keras.utils.set_random_seed, they are reproducible.
+def conv_init() -> keras.initializers.Initializer:
+    """torchvision ResNet conv init: kaiming normal, fan_out, ReLU gain."""
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+
+def dense_init() -> keras.initializers.Initializer:
+    """torch.nn.Linear: kaiming_uniform(a=sqrt(5)) gives U(+-sqrt(1/fan_in)), scale 1/3."""
+    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def dense_bias_init(fan_in: int) -> keras.initializers.Initializer:
+    """torch.nn.Linear's bias initialiser: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+class _Builder:
+    """Layer factories sharing the dtype policy and the BatchNorm synchronisation."""
+
+    def __init__(self, dtype: str, sync_bn: bool):
+        self.dtype = dtype
+        self.sync_bn = sync_bn
+
+    def conv(self, filters, kernel, stride=1, name=None):
+        return keras.layers.Conv2D(
+            filters, kernel, strides=stride, padding="valid", use_bias=False,
+            kernel_initializer=conv_init(), dtype=self.dtype, name=name,
+        )
+
+    def bn(self, gamma_zero=False, affine=True, name=None, dtype=None):
+        return keras.layers.BatchNormalization(
+            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine,
+            gamma_initializer="zeros" if gamma_zero else "ones",
+            synchronized=self.sync_bn, dtype=dtype or self.dtype, name=name,
+        )
+
+    def dense(self, units, fan_in, use_bias, name=None, dtype=None):
+        return keras.layers.Dense(
+            units, use_bias=use_bias, kernel_initializer=dense_init(),
+            bias_initializer=dense_bias_init(fan_in), dtype=dtype or self.dtype, name=name,
+        )
+
+    def conv_bn(self, x, filters, kernel, stride, name, relu=True, gamma_zero=False):
+        # PyTorch pads symmetrically by kernel // 2; Keras "same" pads stride-2 convs
+        # asymmetrically, so pad explicitly.
+        pad = kernel // 2
+        if pad:
+            x = keras.layers.ZeroPadding2D(pad, dtype=self.dtype, name=f"{name}_pad")(x)
+        x = self.conv(filters, kernel, stride, name=f"{name}_conv")(x)
+        x = self.bn(gamma_zero=gamma_zero, name=f"{name}_bn")(x)
+        if relu:
+            x = keras.layers.ReLU(dtype=self.dtype, name=f"{name}_relu")(x)
+        return x
+
+
+def _basic_block(b: _Builder, x, filters, stride, name):
+    shortcut = x
+    y = b.conv_bn(x, filters, 3, stride, f"{name}_1")
+    y = b.conv_bn(y, filters, 3, 1, f"{name}_2", relu=False, gamma_zero=True)
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = b.conv_bn(x, filters, 1, stride, f"{name}_down", relu=False)
+    y = keras.layers.Add(dtype=b.dtype, name=f"{name}_add")([y, shortcut])
+    return keras.layers.ReLU(dtype=b.dtype, name=f"{name}_out")(y)
+
+
+def _bottleneck(b: _Builder, x, filters, stride, name):
+    shortcut = x
+    y = b.conv_bn(x, filters, 1, 1, f"{name}_1")
+    y = b.conv_bn(y, filters, 3, stride, f"{name}_2")  # torchvision v1.5: stride on the 3x3
+    y = b.conv_bn(y, filters * 4, 1, 1, f"{name}_3", relu=False, gamma_zero=True)
+    if stride != 1 or x.shape[-1] != filters * 4:
+        shortcut = b.conv_bn(x, filters * 4, 1, stride, f"{name}_down", relu=False)
+    y = keras.layers.Add(dtype=b.dtype, name=f"{name}_add")([y, shortcut])
+    return keras.layers.ReLU(dtype=b.dtype, name=f"{name}_out")(y)
+
+
+def build_backbone(
+    name: str, image_size: int, width: int = 64, dtype: str = "float32", sync_bn: bool = False
+) -> keras.Model:
+    """ResNet backbone: float images [B, S, S, 3] -> float32 features [B, F].
+
+    resnet18: the CIFAR variant (3x3 stride-1 stem, no max-pool), F = 8 * width.
+    resnet50: the ImageNet ResNet-50 (7x7 stride-2 stem, max-pool), F = 32 * width.
+    """
+    b = _Builder(dtype, sync_bn)
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    if name == "resnet18":
+        x = b.conv_bn(inputs, width, 3, 1, "stem")
+        block, depths = _basic_block, (2, 2, 2, 2)
+    elif name == "resnet50":
+        x = b.conv_bn(inputs, width, 7, 2, "stem")
+        # After ReLU, zero padding equals PyTorch's -inf padding for the max-pool.
+        x = keras.layers.ZeroPadding2D(1, dtype=dtype, name="stem_pool_pad")(x)
+        x = keras.layers.MaxPooling2D(3, 2, dtype=dtype, name="stem_pool")(x)
+        block, depths = _bottleneck, (3, 4, 6, 3)
+    else:
+        raise ValueError(f"unknown backbone {name!r}; expected resnet18 or resnet50")
+    for stage, depth in enumerate(depths):
+        for i in range(depth):
+            stride = 2 if stage > 0 and i == 0 else 1
+            x = block(b, x, width * 2**stage, stride, f"stage{stage + 1}_block{i + 1}")
+    x = keras.layers.GlobalAveragePooling2D(dtype=dtype, name="pool")(x)
+    features = keras.layers.Activation("linear", dtype="float32", name="features")(x)
+    return keras.Model(inputs, features, name="backbone")
+
+
+def build_projector(
+    in_dim: int, dim: int = 2048, layers: int = 2, dtype: str = "float32", sync_bn: bool = False
+) -> keras.Model:
+    """Projection MLP: fc-BN-ReLU x (layers - 1), then fc-BN without affine parameters.
+
+    Hidden width and output width are both `dim` (2048 in the paper). Output float32.
+    """
+    b = _Builder(dtype, sync_bn)
+    inputs = keras.Input((in_dim,), name="features")
+    x, fan_in = inputs, in_dim
+    for i in range(layers - 1):
+        x = b.dense(dim, fan_in, use_bias=False, name=f"fc{i + 1}")(x)
+        x = b.bn(name=f"bn{i + 1}")(x)
+        x = keras.layers.ReLU(dtype=dtype, name=f"relu{i + 1}")(x)
+        fan_in = dim
+    # The official code freezes this fc's bias because BN follows; it is left out here.
+    x = b.dense(dim, fan_in, use_bias=False, name=f"fc{layers}")(x)
+    z = b.bn(affine=False, name=f"bn{layers}", dtype="float32")(x)
+    return keras.Model(inputs, z, name="projector")
+
+
+def build_predictor(
+    dim: int = 2048, hidden: int = 512, dtype: str = "float32", sync_bn: bool = False
+) -> keras.Model:
+    """Prediction MLP: fc(dim -> hidden)-BN-ReLU, fc(hidden -> dim) with bias, no BN."""
+    b = _Builder(dtype, sync_bn)
+    inputs = keras.Input((dim,), name="z")
+    x = b.dense(hidden, dim, use_bias=False, name="fc1")(inputs)
+    x = b.bn(name="bn1")(x)
+    x = keras.layers.ReLU(dtype=dtype, name="relu1")(x)
+    p = b.dense(dim, hidden, use_bias=True, name="fc2", dtype="float32")(x)
+    return keras.Model(inputs, p, name="predictor")
+
+
+class SimSiam(keras.Model):
+    """SimSiam (Chen & He, 2021): encoder f = projector(backbone(x)), predictor h.
+
+    `train_step` takes a batch of two views (x1, x2) of the same images and minimises
+    L = D(p1, stopgrad(z2)) / 2 + D(p2, stopgrad(z1)) / 2 (see `losses`). Calling the model
+    returns {"features", "z", "p"} for one batch of views.
+
+    Build it with `build_simsiam`, inside the distribution strategy's scope.
+    """
+
+    def __init__(self, backbone, projector, predictor, stop_gradient=True, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.projector = projector
+        self.predictor = predictor
+        self.stop_gradient = stop_gradient
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.z_std_tracker = keras.metrics.Mean(name="z_std")
+        # MultiWorkerMirroredStrategy + fit() reduces the logged scalars along axis 0
+        # and fails on rank-0 values (keras-team/keras#20585); set by training code.
+        self.rank1_logs = False
+
+    def call(self, x, training=False):
+        features = self.backbone(x, training=training)
+        z = self.projector(features, training=training)
+        return {"features": features, "z": z, "p": self.predictor(z, training=training)}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.z_std_tracker]
+
+    def forward_pair(self, x1, x2, training=True):
+        """p1, p2, z1, z2 for two views, each view normalised by its own BN statistics."""
+        z1 = self.projector(self.backbone(x1, training=training), training=training)
+        z2 = self.projector(self.backbone(x2, training=training), training=training)
+        p1 = self.predictor(z1, training=training)
+        p2 = self.predictor(z2, training=training)
+        return p1, p2, z1, z2
+
+    def train_step(self, data):
+        x1, x2 = data
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            p1, p2, z1, z2 = self.forward_pair(x1, x2, training=True)
+            loss = losses.simsiam_loss(p1, p2, z1, z2, stop_gradient=self.stop_gradient)
+            # Keras does not scale a hand-written loss; gradients are summed across
+            # replicas, so each replica contributes its share of the global mean.
+            scaled = loss / replicas
+        lr = self.current_lr()  # the rate this step applies (the schedule reads iterations)
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.loss_tracker.update_state(loss)
+        self.z_std_tracker.update_state(losses.z_std(z1))
+        logs = {
+            "loss": self.loss_tracker.result(),
+            "z_std": self.z_std_tracker.result(),
+            "lr": lr,
+        }
+        if self.rank1_logs:
+            logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
+
+    def current_lr(self) -> tf.Tensor:
+        lr = self.optimizer.learning_rate
+        return tf.cast(lr, tf.float32)
+
+
+def build_simsiam(config, sync_bn: bool = False) -> SimSiam:
+    """The SimSiam model described by a `TrainConfig`, built (variables created)."""
+    dtype = "mixed_bfloat16" if config.precision == "bfloat16" else "float32"
+    backbone = build_backbone(config.backbone, config.image_size, config.width, dtype, sync_bn)
+    feat_dim = backbone.output.shape[-1]
+    projector = build_projector(feat_dim, config.proj_dim, config.proj_layers, dtype, sync_bn)
+    predictor = build_predictor(config.proj_dim, config.pred_dim, dtype, sync_bn)
+    model = SimSiam(backbone, projector, predictor, stop_gradient=config.stop_gradient, name="simsiam")
+    model(tf.zeros([2, config.image_size, config.image_size, 3]))
+    return model

@@ -1,0 +1,183 @@
+"""A whole training run: data, model, optimiser, callbacks, fit, artefacts.
+
+`train.py` parses flags into a `TrainConfig` and calls `run`; tests call `run` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from simsiam_tf import augment as aug
+from simsiam_tf import callbacks as cb
+from simsiam_tf import data as data_lib
+from simsiam_tf import distribute
+from simsiam_tf.config import TrainConfig, UsageError, load_config, save_config
+from simsiam_tf.model import build_simsiam
+from simsiam_tf.optim import make_optimizer
+
+
+def check_logdir(logdir: str, resume: bool) -> None:
+    """Check the run directory before any work: free for a new run, or resumable.
+
+    Nothing is created here, so a rejected command leaves nothing behind.
+    """
+    if resume:
+        if not os.path.isfile(os.path.join(logdir, "config.json")):
+            raise UsageError(
+                f"--resume: {logdir!r} has no config.json; pass the directory of a run "
+                "started by train.py (e.g. --resume runs/20261128-034500)"
+            )
+    elif os.path.isdir(logdir) and os.listdir(logdir):
+        raise UsageError(
+            f"--logdir {logdir!r} already holds files; pass --resume to continue that run "
+            "or choose a new --logdir"
+        )
+    existing = os.path.abspath(logdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--logdir {logdir!r} cannot be written ({existing!r} is not a writable directory)")
+
+
+def resolve_resume(logdir: str, explicit: dict) -> TrainConfig:
+    """The config of the run in `logdir`; explicitly given flags must agree with it."""
+    config = load_config(os.path.join(logdir, "config.json"))
+    saved = config.to_dict()
+    clashes = [f"{k}={v!r} (the run has {saved[k]!r})" for k, v in explicit.items() if saved.get(k) != v]
+    if clashes:
+        raise UsageError(
+            "--resume keeps the run's configuration, but these flags differ: "
+            + "; ".join(clashes)
+            + ". Drop them, or start a new run"
+        )
+    return config
+
+
+def check_batch(config: TrainConfig, num_train: int, replicas: int) -> None:
+    if config.batch_size > num_train:
+        raise UsageError(
+            f"--batch-size {config.batch_size} is larger than the dataset's {num_train} "
+            f"training images; use --batch-size {max(2, num_train // 2)} or less"
+        )
+    if config.batch_size % replicas:
+        raise UsageError(
+            f"--batch-size {config.batch_size} is not divisible by the {replicas} replicas; "
+            f"use a multiple of {replicas}, e.g. {config.batch_size - config.batch_size % replicas or replicas}"
+        )
+    if config.batch_size // replicas < 2:
+        raise UsageError(
+            f"--batch-size {config.batch_size} leaves fewer than 2 images per replica; "
+            "BatchNorm needs at least 2"
+        )
+
+
+def run(
+    config: TrainConfig,
+    logdir: str,
+    resume: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+    data: data_lib.ImageData | None = None,
+    verbose="auto",
+) -> dict:
+    """Train SimSiam as `config` says, writing everything into `logdir`.
+
+    Returns the summary dict that is also written to `logdir/summary.json`.
+
+    Raises:
+        UsageError: bad input, detected before anything is written.
+    """
+    started = time.time()
+    check_logdir(logdir, resume)
+    if strategy is None:
+        strategy = distribute.make_strategy(config.strategy, config.cpu_replicas)
+    replicas = strategy.num_replicas_in_sync
+    chief = distribute.is_chief(strategy)
+    if data is None:
+        data = data_lib.load(config.dataset, config.image_size, config.data_dir, config.train_limit)
+    if data.skipped:
+        shown = ", ".join(data.skipped[:3])
+        print(
+            f"warning: skipped {len(data.skipped)} file(s) that could not be decoded: {shown}"
+            + (" ..." if len(data.skipped) > 3 else ""),
+            file=sys.stderr,
+        )
+    check_batch(config, len(data.train_images), replicas)
+    if chief:
+        os.makedirs(logdir, exist_ok=True)
+        if not resume:
+            save_config(config, os.path.join(logdir, "config.json"))
+
+    steps = data_lib.steps_per_epoch(len(data.train_images), config.batch_size)
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = build_simsiam(config, sync_bn=replicas > 1)
+        model.rank1_logs = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        model.compile(optimizer=make_optimizer(model, config, steps), jit_compile=False)
+        model.optimizer.build(model.trainable_variables)
+
+    backup_dir = os.path.join(logdir, cb.LAST_DIR)
+    if not chief:
+        backup_dir = os.path.join(logdir, "checkpoints", f"last-{distribute.worker_id(strategy)}")
+    initial_epoch = cb.completed_epochs(backup_dir) if resume else 0
+    previous = None
+    summary_path = os.path.join(logdir, "summary.json")
+    if resume and os.path.exists(summary_path):
+        with open(summary_path) as f:
+            previous = json.load(f)
+    if initial_epoch >= config.epochs:
+        print(f"{logdir}: all {config.epochs} epochs are already done", flush=True)
+        return previous or {}
+
+    augment = aug.SimSiamAugment(aug.AugmentSpec.for_image_size(config.image_size))
+    pairs = data_lib.pair_dataset(
+        data.train_images, config.batch_size, augment, config.seed, config.epochs, initial_epoch
+    )
+    probe = None
+    if config.knn_every and data.has_knn_splits:
+        probe = cb.KnnProbe(data, config.image_size, config.knn_k, config.knn_temperature, config.knn_train_limit)
+    elif config.knn_every:
+        print(
+            "note: kNN monitoring is skipped: it needs labelled train and test splits "
+            "(PATH/train/<class>/* and PATH/test/<class>/*)",
+            file=sys.stderr,
+        )
+    preview = data_lib.pair_dataset(data.train_images[:8], 8, augment, config.seed, 1) if len(data.train_images) >= 8 else None
+    view_pairs = tuple(v.numpy() for v in next(iter(preview))) if preview is not None else None
+
+    monitor = cb.TrainingMonitor(
+        logdir, config, steps, probe, view_pairs, previous_summary=previous, is_chief=chief
+    )
+    callbacks = [cb.AtomicBackupAndRestore(backup_dir), monitor]
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    print(
+        f"Training SimSiam ({config.preset} preset) on {data.name}: {len(data.train_images):,} images, "
+        f"{steps} steps/epoch, epochs {initial_epoch + 1}-{config.epochs}, global batch {config.batch_size} "
+        f"on {replicas} replica(s), lr {config.lr:g}, logdir {logdir}",
+        flush=True,
+    )
+    model.fit(
+        pairs,
+        epochs=config.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        callbacks=callbacks,
+        verbose=verbose,
+        shuffle=False,  # pair_dataset orders batches itself, from the seed
+    )
+    summary = monitor.summary
+    if summary.get("knn_top1") is not None:
+        print(
+            f"kNN top-1: {summary['knn_top1_init']:.4f} before training, {summary['knn_top1']:.4f} after "
+            f"{summary['epochs_completed']} epochs (best {summary['knn_top1_best']:.4f} at epoch "
+            f"{summary['knn_best_epoch']}); {(time.time() - started) / 60:.1f} min",
+            flush=True,
+        )
+    return summary

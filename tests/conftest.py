@@ -1,0 +1,31 @@
+"""Test session setup: two logical CPU devices, so MirroredStrategy has two replicas.
+
+The split must happen before TensorFlow runs anything, hence here, at import time.
+Single-device code keeps running on /cpu:0.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from simsiam_tf.distribute import split_cpu  # noqa: E402
+
+split_cpu(2)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR = os.path.join(os.path.dirname(REPO), "shared", "datasets", "cifar10")
+
+
+@pytest.fixture
+def cifar_dir():
+    if not os.path.isdir(os.path.join(CIFAR, "train")):
+        pytest.skip(f"the shared CIFAR-10 folder is not at {CIFAR}")
+    return CIFAR
+
+
+@pytest.fixture
+def python():
+    return sys.executable

@@ -1,0 +1,51 @@
+"""MirroredStrategy on two logical CPU devices equals single-device training."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simsiam_tf import distribute
+from simsiam_tf.config import UsageError, make_config
+from simsiam_tf.model import build_simsiam
+from simsiam_tf.optim import make_optimizer
+
+
+def _step(strategy, config, weights, batch, steps=1):
+    with strategy.scope():
+        model = build_simsiam(config, sync_bn=strategy.num_replicas_in_sync > 1)
+        model.set_weights(weights)
+        model.compile(optimizer=make_optimizer(model, config, steps_per_epoch=10))
+    ds = tf.data.Dataset.from_tensors(batch).repeat(steps)
+    history = model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+    return history.history["loss"][-1], [v.numpy() for v in model.weights]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_mirrored_step_equals_single_device(steps):
+    config = make_config("digits", width=8, proj_dim=64, pred_dim=16, batch_size=16, weight_decay=5e-4)
+    keras.utils.set_random_seed(0)
+    init = build_simsiam(config).get_weights()
+    rng = np.random.default_rng(0)
+    batch = tuple(tf.constant(rng.normal(size=(16, 32, 32, 3)), tf.float32) for _ in range(2))
+
+    mirrored = tf.distribute.MirroredStrategy(distribute.split_cpu(2))
+    assert mirrored.num_replicas_in_sync == 2
+    loss_1, w_1 = _step(tf.distribute.get_strategy(), config, init, batch, steps)
+    loss_2, w_2 = _step(mirrored, config, init, batch, steps)
+
+    assert loss_2 == pytest.approx(loss_1, abs=1e-5)
+    changed = 0
+    for a, b, w0 in zip(w_1, w_2, init):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+        changed += not np.allclose(a, w0)
+    assert changed > len(init) // 2  # the step really moved the weights
+
+
+def test_make_strategy_choices():
+    assert distribute.make_strategy("default").num_replicas_in_sync == 1
+    assert distribute.make_strategy("mirrored", cpu_replicas=2).num_replicas_in_sync == 2
+    with pytest.raises(UsageError, match="TF_CONFIG"):
+        distribute.make_strategy("multi_worker")
+    with pytest.raises(UsageError, match="only applies"):
+        distribute.make_strategy("default", cpu_replicas=2)

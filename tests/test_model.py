@@ -1,0 +1,140 @@
+"""The networks against the paper's and the official code's architecture."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simsiam_tf import model as model_lib
+from simsiam_tf.config import make_config
+
+
+def _layers(m, kind):
+    return [l for l in m.layers if isinstance(l, kind)]
+
+
+def test_projector_cifar_two_layers():
+    proj = model_lib.build_projector(512, dim=2048, layers=2)
+    dense = _layers(proj, keras.layers.Dense)
+    bns = _layers(proj, keras.layers.BatchNormalization)
+    assert [d.units for d in dense] == [2048, 2048]
+    assert [d.use_bias for d in dense] == [False, False]
+    assert len(bns) == 2 and len(_layers(proj, keras.layers.ReLU)) == 1
+    assert bns[0].center and bns[0].scale
+    assert not bns[-1].center and not bns[-1].scale  # output BN without affine parameters
+    assert proj.layers[-1] is bns[-1]  # no ReLU after the output BN
+    assert proj.output.shape[-1] == 2048
+
+
+def test_projector_imagenet_three_layers():
+    proj = model_lib.build_projector(2048, dim=2048, layers=3)
+    assert len(_layers(proj, keras.layers.Dense)) == 3
+    assert len(_layers(proj, keras.layers.BatchNormalization)) == 3
+    assert len(_layers(proj, keras.layers.ReLU)) == 2
+
+
+def test_predictor_bottleneck_without_output_bn():
+    pred = model_lib.build_predictor(2048, 512)
+    dense = _layers(pred, keras.layers.Dense)
+    assert [(d.kernel.shape[0], d.units) for d in dense] == [(2048, 512), (512, 2048)]
+    assert [d.use_bias for d in dense] == [False, True]
+    assert len(_layers(pred, keras.layers.BatchNormalization)) == 1
+    assert pred.layers[-1] is dense[-1]  # output fc: no BN, no ReLU
+
+
+def test_batchnorm_uses_pytorch_momentum_and_epsilon():
+    m = model_lib.build_simsiam(make_config("digits"))
+    bns = [l for sub in (m.backbone, m.projector, m.predictor) for l in _layers(sub, keras.layers.BatchNormalization)]
+    assert bns and all(b.momentum == 0.9 and b.epsilon == 1e-5 for b in bns)
+
+
+def test_initialisers_follow_pytorch():
+    keras.utils.set_random_seed(0)
+    pred = model_lib.build_predictor(2048, 512)
+    fc1, fc2 = _layers(pred, keras.layers.Dense)
+    bound = 1 / math.sqrt(2048)
+    w = fc1.kernel.numpy()
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.99 * bound  # U(+-1/sqrt(fan_in))
+    assert w.std() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    b = fc2.bias.numpy()
+    assert np.abs(b).max() <= 1 / math.sqrt(512) and b.std() > 0
+    backbone = model_lib.build_backbone("resnet18", 32, width=64)
+    conv = backbone.get_layer("stage2_block1_1_conv").kernel.numpy()  # 3x3, 64 -> 128
+    fan_out = 3 * 3 * 128
+    assert conv.std() == pytest.approx(math.sqrt(2 / fan_out), rel=0.02)
+
+
+def test_kernels_are_distinct_and_reproducible():
+    keras.utils.set_random_seed(3)
+    a = model_lib.build_backbone("resnet18", 32, width=8)
+    keras.utils.set_random_seed(3)
+    b = model_lib.build_backbone("resnet18", 32, width=8)
+    for va, vb in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    k1 = a.get_layer("stage1_block1_1_conv").kernel.numpy()
+    k2 = a.get_layer("stage1_block2_1_conv").kernel.numpy()
+    assert k1.shape == k2.shape and not np.allclose(k1, k2)
+
+
+def test_zero_init_residual():
+    backbone = model_lib.build_backbone("resnet18", 32, width=8)
+    for name in ("stage1_block1_2_bn", "stage4_block2_2_bn"):
+        assert np.all(backbone.get_layer(name).gamma.numpy() == 0)
+    assert np.all(backbone.get_layer("stage1_block1_1_bn").gamma.numpy() == 1)
+
+
+def test_resnet18_cifar_variant_matches_torchvision_parameter_count():
+    backbone = model_lib.build_backbone("resnet18", 32, width=64)
+    stem = backbone.get_layer("stem_conv")
+    assert stem.kernel_size == (3, 3) and stem.strides == (1, 1)
+    assert not _layers(backbone, keras.layers.MaxPooling2D)
+    assert backbone.output.shape[-1] == 512
+    # torchvision resnet18 without fc has 11,176,512 parameters; the CIFAR stem
+    # (3x3 instead of 7x7) saves (49 - 9) * 3 * 64 = 7,680.
+    trainable = sum(int(np.prod(v.shape)) for v in backbone.trainable_weights)
+    assert trainable == 11_176_512 - 7_680
+    out = backbone(tf.zeros([2, 32, 32, 3]))
+    assert out.shape == (2, 512) and out.dtype == tf.float32
+
+
+def test_resnet50_matches_torchvision_parameter_count():
+    backbone = model_lib.build_backbone("resnet50", 64, width=64)
+    assert backbone.output.shape[-1] == 2048
+    assert len(_layers(backbone, keras.layers.MaxPooling2D)) == 1
+    trainable = sum(int(np.prod(v.shape)) for v in backbone.trainable_weights)
+    assert trainable == 23_508_032  # torchvision resnet50 without fc
+
+
+def test_stride_two_padding_matches_pytorch():
+    # PyTorch pads 1 on every side of a 3x3 stride-2 conv, so output i sees input rows
+    # 2i-1..2i+1 and input row 1 reaches outputs 0 and 1. Keras "same" would pad only
+    # after, so output i would see rows 2i..2i+2 and row 1 would reach output 0 only.
+    b = model_lib._Builder("float32", False)
+    inp = keras.Input((8, 8, 1))
+    m = keras.Model(inp, b.conv_bn(inp, 1, 3, 2, "t", relu=False))
+    conv = m.get_layer("t_conv")
+    conv.kernel.assign(np.ones((3, 3, 1, 1), np.float32))
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    x[0, 1, 1, 0] = 1.0
+    y = conv(m.get_layer("t_pad")(x)).numpy()[0, :, :, 0]
+    assert y.shape == (4, 4)
+    np.testing.assert_array_equal(y[:2, :2], np.ones((2, 2)))
+    assert y.sum() == 4
+
+
+def test_simsiam_outputs_and_bfloat16_keeps_float32_outputs():
+    cfg = make_config("digits", precision="bfloat16")
+    m = model_lib.build_simsiam(cfg)
+    out = m(tf.zeros([4, 32, 32, 3]))
+    assert out["features"].shape == (4, 128) and out["z"].shape == (4, 512) and out["p"].shape == (4, 512)
+    assert all(v.dtype == tf.float32 for v in out.values())
+    assert m.backbone.get_layer("stem_conv").compute_dtype == "bfloat16"
+    assert all(v.dtype == "float32" for v in m.trainable_variables)
+
+
+def test_sync_bn_flag():
+    m = model_lib.build_simsiam(make_config("digits"), sync_bn=True)
+    bns = _layers(m.projector, keras.layers.BatchNormalization)
+    assert all(b.synchronized for b in bns)

@@ -1,0 +1,115 @@
+"""Train SimSiam.
+
+    python train.py                                    # offline digits, < 10 min on 2 cores
+    python train.py --dataset folder:../shared/datasets/cifar10 --strategy mirrored
+    python train.py --dataset cifar10 --data-dir ~/tensorflow_datasets
+    python train.py --resume runs/20261128-034500      # continue a killed run
+
+Each run writes config.json, summary.json, TensorBoard events (tb/) and checkpoints
+into --logdir (default runs/<timestamp>). Bad input exits with code 2 and one line
+naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return value
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="train.py",
+        description="Self-supervised SimSiam pretraining (Chen & He, 2021) with TensorFlow and Keras.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # Flags default to None so that the preset fills what the user did not say, and a
+    # resumed run can tell which flags were given explicitly.
+    p.add_argument("--dataset", help="digits (default, offline), folder:PATH, or a tensorflow-datasets name such as cifar10")
+    p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
+    p.add_argument("--preset", help="digits, cifar or imagenet (default: chosen from --dataset)")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int, help="global batch, split across replicas")
+    p.add_argument("--lr", type=_number, help="base learning rate; the rate used is lr * batch-size / 256")
+    p.add_argument("--weight-decay", type=_number)
+    p.add_argument("--fix-pred-lr", action="store_const", const=True, help="keep the predictor's lr constant")
+    p.add_argument("--seed", type=_positive_int)
+    p.add_argument("--logdir", help="run directory (default runs/<timestamp>)")
+    p.add_argument("--strategy", help="default, mirrored, multi_worker or tpu")
+    p.add_argument("--cpu-replicas", type=_positive_int, help="with --strategy mirrored and no GPU: split the CPU into N replicas")
+    p.add_argument("--precision", help="float32 or bfloat16 (mixed precision; loss and outputs stay float32)")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR", help="continue the run in RUN_DIR (or --logdir) from its last completed epoch")
+    p.add_argument("--no-stop-gradient", dest="stop_gradient", action="store_const", const=False, help="the paper's ablation: collapses")
+    p.add_argument("--backbone", help="resnet18 (CIFAR variant) or resnet50")
+    p.add_argument("--width", type=_positive_int, help="channels of the backbone's first stage (64 in the paper)")
+    p.add_argument("--image-size", type=_positive_int)
+    p.add_argument("--knn-every", type=_positive_int, help="kNN monitor every N epochs (0 = off)")
+    p.add_argument("--knn-bank-size", dest="knn_train_limit", type=_positive_int, help="cap the kNN feature bank (0 = whole train split)")
+    p.add_argument("--train-limit", type=_positive_int, help="train on a fixed random subset of N images (0 = all)")
+    return p
+
+
+FLAG_KEYS = (
+    "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
+    "strategy", "cpu_replicas", "precision", "stop_gradient", "backbone", "width",
+    "image_size", "knn_every", "knn_train_limit", "train_limit",
+)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from simsiam_tf.config import UsageError, make_config
+
+    explicit = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
+    if args.lr is not None:
+        explicit["base_lr"] = args.lr
+    try:
+        if args.resume:
+            logdir = args.resume if isinstance(args.resume, str) else args.logdir
+            if not logdir:
+                raise UsageError("--resume needs the run directory: --resume RUN_DIR")
+            if args.preset is not None:
+                explicit["preset"] = args.preset
+            from simsiam_tf.training import resolve_resume
+
+            config = resolve_resume(logdir, explicit)
+        else:
+            config = make_config(args.preset, **explicit)
+            logdir = args.logdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        from simsiam_tf import training
+
+        training.run(config, logdir, resume=bool(args.resume))
+    except UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with: python train.py --resume " + logdir, file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
