@@ -93,13 +93,16 @@ def main(argv=None) -> int:
                 raise UsageError("--resume needs the run directory: --resume RUN_DIR")
             if args.preset is not None:
                 explicit["preset"] = args.preset
-            from simsiam_tf.training import resolve_resume
+            from simsiam_tf.rundir import resolve_resume
 
             config = resolve_resume(logdir, explicit)
         else:
             config = make_config(args.preset, **explicit)
             logdir = args.logdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        from simsiam_tf import training
+        from simsiam_tf.rundir import check_logdir
+
+        check_logdir(logdir, resume=bool(args.resume))
+        from simsiam_tf import training  # imports TensorFlow: only for a valid command
 
         training.run(config, logdir, resume=bool(args.resume))
     except UsageError as e:

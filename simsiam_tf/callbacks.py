@@ -1,13 +1,6 @@
 """Keras callbacks for a training run: crash-safe backups, TensorBoard, kNN, checkpoints.
 
-Run directory layout (everything a run writes):
-
-    config.json                      the resolved TrainConfig
-    summary.json                     rewritten after every epoch (see TrainingMonitor)
-    tb/                              TensorBoard events
-    checkpoints/last/                Keras BackupAndRestore: latest.weights.h5 (model and
-                                     optimizer) and training_metadata.json (epoch)
-    checkpoints/best/                model.weights.h5 and info.json, best kNN top-1
+Where each file goes is described in `simsiam_tf.rundir`.
 """
 
 from __future__ import annotations
@@ -25,9 +18,7 @@ from simsiam_tf.config import write_json_atomic
 from simsiam_tf.data import subset
 from simsiam_tf.diagnostics import knn
 
-LAST_DIR = os.path.join("checkpoints", "last")
-BEST_DIR = os.path.join("checkpoints", "best")
-WEIGHTS_FILE = "model.weights.h5"
+from simsiam_tf.rundir import BEST_DIR, WEIGHTS_FILE
 
 
 def _save_weights_atomic(model: keras.Model, path: str) -> None:

@@ -18,46 +18,10 @@ from simsiam_tf import augment as aug
 from simsiam_tf import callbacks as cb
 from simsiam_tf import data as data_lib
 from simsiam_tf import distribute
-from simsiam_tf.config import TrainConfig, UsageError, load_config, save_config
+from simsiam_tf.config import TrainConfig, UsageError, save_config
+from simsiam_tf.rundir import LAST_DIR, check_logdir
 from simsiam_tf.model import build_simsiam
 from simsiam_tf.optim import make_optimizer
-
-
-def check_logdir(logdir: str, resume: bool) -> None:
-    """Check the run directory before any work: free for a new run, or resumable.
-
-    Nothing is created here, so a rejected command leaves nothing behind.
-    """
-    if resume:
-        if not os.path.isfile(os.path.join(logdir, "config.json")):
-            raise UsageError(
-                f"--resume: {logdir!r} has no config.json; pass the directory of a run "
-                "started by train.py (e.g. --resume runs/20261128-034500)"
-            )
-    elif os.path.isdir(logdir) and os.listdir(logdir):
-        raise UsageError(
-            f"--logdir {logdir!r} already holds files; pass --resume to continue that run "
-            "or choose a new --logdir"
-        )
-    existing = os.path.abspath(logdir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--logdir {logdir!r} cannot be written ({existing!r} is not a writable directory)")
-
-
-def resolve_resume(logdir: str, explicit: dict) -> TrainConfig:
-    """The config of the run in `logdir`; explicitly given flags must agree with it."""
-    config = load_config(os.path.join(logdir, "config.json"))
-    saved = config.to_dict()
-    clashes = [f"{k}={v!r} (the run has {saved[k]!r})" for k, v in explicit.items() if saved.get(k) != v]
-    if clashes:
-        raise UsageError(
-            "--resume keeps the run's configuration, but these flags differ: "
-            + "; ".join(clashes)
-            + ". Drop them, or start a new run"
-        )
-    return config
 
 
 def check_batch(config: TrainConfig, num_train: int, replicas: int) -> None:
@@ -122,7 +86,7 @@ def run(
         model.compile(optimizer=make_optimizer(model, config, steps), jit_compile=False)
         model.optimizer.build(model.trainable_variables)
 
-    backup_dir = os.path.join(logdir, cb.LAST_DIR)
+    backup_dir = os.path.join(logdir, LAST_DIR)
     if not chief:
         backup_dir = os.path.join(logdir, "checkpoints", f"last-{distribute.worker_id(strategy)}")
     initial_epoch = cb.completed_epochs(backup_dir) if resume else 0
@@ -131,6 +95,8 @@ def run(
     if resume and os.path.exists(summary_path):
         with open(summary_path) as f:
             previous = json.load(f)
+        # The summary may run ahead of the last complete backup by an epoch.
+        previous["history"] = [h for h in previous.get("history", []) if h["epoch"] <= initial_epoch]
     if initial_epoch >= config.epochs:
         print(f"{logdir}: all {config.epochs} epochs are already done", flush=True)
         return previous or {}

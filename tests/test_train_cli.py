@@ -1,0 +1,173 @@
+"""train.py as a user runs it: bad input exits 2 with one line, runs write their artefacts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from simsiam_tf import rundir, training
+from simsiam_tf.config import UsageError, load_config, make_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(args, cwd, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+def _error_lines(stderr):
+    return [l for l in stderr.splitlines() if "error:" in l]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "no_such_dataset_xyz"], "unknown dataset 'no_such_dataset_xyz'"),
+        (["--dataset", "folder:/nonexistent/images"], "does not exist"),
+        (["--dataset", "folder:EMPTY"], "holds no .jpg"),
+        (["--batch-size", "5000"], "larger than the dataset's 1347 training images"),
+        (["--strategy", "mirrored", "--cpu-replicas", "2", "--batch-size", "127"], "not divisible by the 2 replicas"),
+        (["--epochs", "abc"], "expected a whole number, got 'abc'"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--lr", "-1"], "--lr must be in (0, 100)"),
+        (["--precision", "float8"], "--precision 'float8': choose one of float32, bfloat16"),
+        (["--strategy", "gpus"], "--strategy 'gpus': choose one of"),
+        (["--batch-size", "1"], "--batch-size must be at least 2"),
+        (["--image-size", "5"], "--image-size must be in [16, 1024]"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+        (["--resume"], "has no config.json"),  # --resume with --logdir resumes --logdir
+        (["--resume", "NOT_A_RUN"], "has no config.json"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+    (tmp_path / "EMPTY").mkdir()
+    args = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("NOT_A_RUN", str(tmp_path / "EMPTY")) for a in args]
+    logdir = tmp_path / "run"
+    result = _train([*args, "--logdir", str(logdir)], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = _error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not logdir.exists()
+
+
+def test_bare_resume_needs_a_run_directory(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--resume"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "--resume needs the run directory" in result.stderr
+
+
+def test_existing_logdir_is_not_overwritten(tmp_path):
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    (logdir / "keep.txt").write_text("mine")
+    result = _train(["--logdir", str(logdir), "--epochs", "1"], cwd=tmp_path)
+    assert result.returncode == 2 and "already holds files; pass --resume" in result.stderr
+    assert os.listdir(logdir) == ["keep.txt"]
+
+
+def _tiny(**overrides):
+    base = dict(width=8, proj_dim=64, pred_dim=16, batch_size=32, epochs=2, train_limit=64, knn_every=1, knn_k=20)
+    base.update(overrides)
+    return make_config("digits", **base)
+
+
+def test_smoke_fit_writes_all_artefacts(tmp_path):
+    logdir = str(tmp_path / "run")
+    summary = training.run(_tiny(), logdir, verbose=0)
+    for key in ("epochs_completed", "loss", "z_std", "knn_top1", "knn_top1_init", "train_images_per_sec", "wall_time_s"):
+        assert summary[key] is not None, key
+    assert summary["epochs_completed"] == 2 and len(summary["history"]) == 2
+    with open(os.path.join(logdir, "summary.json")) as f:
+        assert json.load(f)["epochs_completed"] == 2
+    assert load_config(os.path.join(logdir, "config.json")) == _tiny()
+    for path in ("checkpoints/last/latest.weights.h5", "checkpoints/best/model.weights.h5", "checkpoints/best/info.json"):
+        assert os.path.exists(os.path.join(logdir, path)), path
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(logdir, "tb")))
+    assert not [f for f in os.listdir(logdir) if f.startswith(".tmp")]
+
+
+def test_tensorboard_events_hold_the_promised_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = str(tmp_path / "run")
+    training.run(_tiny(epochs=1, log_every_steps=1), logdir, verbose=0)
+    acc = EventAccumulator(os.path.join(logdir, "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    assert {"train/loss", "train/z_std", "train/lr", "epoch/loss", "knn/top1", "views/pairs"} <= tags
+    import tensorflow as tf
+
+    lr = [float(tf.make_ndarray(event.tensor_proto)) for event in acc.Tensors("train/lr")]
+    assert lr[0] == pytest.approx(_tiny().lr)  # the first step runs at the initial rate
+
+
+TINY_FLAGS = ["--width", "8", "--batch-size", "32", "--train-limit", "64", "--knn-every", "2", "--seed", "5"]
+
+
+def _final_weights(logdir):
+    from simsiam_tf.model import build_simsiam
+
+    model = build_simsiam(load_config(os.path.join(logdir, "config.json")))
+    model.load_weights(os.path.join(logdir, "checkpoints", "last", "latest.weights.h5"))
+    return [v.numpy() for v in model.weights]
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+    epochs = "8"
+    straight = tmp_path / "straight"
+    done = _train([*TINY_FLAGS, "--epochs", epochs, "--logdir", str(straight)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    meta = killed / "checkpoints" / "last" / "training_metadata.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train.py"), *TINY_FLAGS, "--epochs", epochs, "--logdir", str(killed)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if meta.exists() and json.loads(meta.read_text())["epoch"] >= 1:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    at_kill = json.loads(meta.read_text())["epoch"]
+    if at_kill >= int(epochs):
+        pytest.skip("the run finished before it could be killed")
+
+    resumed = _train(["--resume", str(killed)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"epochs {at_kill + 1}-{epochs}" in resumed.stdout
+
+    summary = json.loads((killed / "summary.json").read_text())
+    reference = json.loads((straight / "summary.json").read_text())
+    assert summary["epochs_completed"] == int(epochs)
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, int(epochs) + 1))
+    assert summary["knn_top1_init"] == pytest.approx(reference["knn_top1_init"])
+    for a, b in zip(_final_weights(straight), _final_weights(killed)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    assert summary["loss"] == pytest.approx(reference["loss"], abs=1e-4)
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path):
+    logdir = str(tmp_path / "run")
+    training.run(_tiny(epochs=1), logdir, verbose=0)
+    with pytest.raises(UsageError, match="these flags differ: batch_size=64"):
+        rundir.resolve_resume(logdir, {"batch_size": 64})
+    assert rundir.resolve_resume(logdir, {"batch_size": 32}) == _tiny(epochs=1)
