@@ -24,6 +24,9 @@ def _train(args, cwd, timeout=300):
     )
 
 
+TINY_FLAGS = ["--width", "8", "--batch-size", "32", "--train-limit", "64", "--knn-every", "2", "--seed", "5"]
+
+
 def _error_lines(stderr):
     return [l for l in stderr.splitlines() if "error:" in l]
 
@@ -67,6 +70,18 @@ def test_bare_resume_needs_a_run_directory(tmp_path):
         [sys.executable, os.path.join(REPO, "train.py"), "--resume"], cwd=tmp_path, capture_output=True, text=True
     )
     assert result.returncode == 2 and "--resume needs the run directory" in result.stderr
+
+
+def test_mirrored_run_on_two_cpu_replicas(tmp_path):
+    logdir = tmp_path / "run"
+    result = _train(
+        [*TINY_FLAGS, "--epochs", "1", "--strategy", "mirrored", "--cpu-replicas", "2", "--logdir", str(logdir)],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on 2 replica(s)" in result.stdout
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["epochs_completed"] == 1 and summary["knn_top1"] is not None
 
 
 def test_existing_logdir_is_not_overwritten(tmp_path):
@@ -114,7 +129,6 @@ def test_tensorboard_events_hold_the_promised_tags(tmp_path):
     assert lr[0] == pytest.approx(_tiny().lr)  # the first step runs at the initial rate
 
 
-TINY_FLAGS = ["--width", "8", "--batch-size", "32", "--train-limit", "64", "--knn-every", "2", "--seed", "5"]
 
 
 def _final_weights(logdir):
