@@ -1,0 +1,64 @@
+"""Export a trained encoder as a SavedModel version for TF Serving.
+
+    python export.py --run runs/20261128-034500 --export-dir exports/simsiam
+    python export.py --run RUN --export-dir exports/simsiam --version 3 --output projection
+
+Loads the run's best checkpoint (by kNN; the last one if kNN never ran), writes
+EXPORT_DIR/N atomically (N defaults to the next integer) and prints the signatures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _version(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def build_parser():
+    p = _Parser(prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory written by train.py")
+    p.add_argument("--export-dir", default=os.path.join("exports", "simsiam"), help="TF Serving model base path")
+    p.add_argument("--version", type=_version, help="version number (default: the next integer)")
+    p.add_argument("--output", default="features", choices=("features", "projection"),
+                   help="embedding to serve: backbone features (default) or the projection z")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of the run")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from simsiam_tf.config import UsageError
+
+    try:
+        from simsiam_tf import export
+
+        config, model, source = export.load_run(args.run, args.checkpoint)
+        path = export.export_saved_model(model, config, args.export_dir, args.version, args.output, source)
+    except UsageError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"Exported {source} ({args.output}) to {path}")
+    print("Signatures:")
+    print(export.describe_signatures(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

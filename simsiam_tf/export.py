@@ -1,0 +1,193 @@
+"""Export the encoder as a SavedModel that TF Serving loads.
+
+Layout written (a TF Serving model base path):
+
+    EXPORT_DIR/N/saved_model.pb, variables/, assets/, simsiam_export.json
+
+Signatures:
+
+- `serving_default`: `image_bytes` (tf.string [None], JPEG or PNG bytes of any size)
+  -> `embedding` (float32 [None, D]). Decoding, resizing and normalising happen in the
+  graph with `augment.eval_preprocess`, the function the kNN monitor uses in training.
+- `serving_pixels`: `images` (uint8 [None, H, W, 3]) -> `embedding`.
+
+`embedding` is the backbone's features by default (what SimSiam's linear evaluation
+uses), or the projection z with `output="projection"`. Only TensorFlow ops are used (no
+`py_function`), so `tensorflow_model_server` can load the result.
+
+Keras 3's `model.save` writes `.keras`, not SavedModel; `keras.export.ExportArchive` is
+used instead, with our own `tf.function`s (its `add_endpoint` turns autograph off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from simsiam_tf import augment as aug
+from simsiam_tf.config import TrainConfig, UsageError, load_config
+from simsiam_tf.model import SimSiam, build_simsiam
+from simsiam_tf.rundir import BEST_DIR, LAST_DIR, WEIGHTS_FILE
+
+OUTPUTS = ("features", "projection")
+METADATA_FILE = "simsiam_export.json"
+
+
+def checkpoint_path(run_dir: str, which: str = "best") -> str:
+    """The weights file of a run: the best-by-kNN checkpoint, else the last one."""
+    best = os.path.join(run_dir, BEST_DIR, WEIGHTS_FILE)
+    last = os.path.join(run_dir, LAST_DIR, "latest.weights.h5")
+    if which == "best" and os.path.exists(best):
+        return best
+    if os.path.exists(last):
+        return last
+    raise UsageError(
+        f"{run_dir!r} has no checkpoint (looked for {best} and {last}); "
+        "pass the run directory of a train.py run that completed an epoch"
+    )
+
+
+def load_run(run_dir: str, which: str = "best") -> tuple[TrainConfig, SimSiam, str]:
+    """Rebuild a run's model from config.json and load its checkpoint."""
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"--run {run_dir!r} is not a directory")
+    config = load_config(os.path.join(run_dir, "config.json"))
+    path = checkpoint_path(run_dir, which)
+    model = build_simsiam(config)
+    _load_model_weights(model, path)
+    return config, model, path
+
+
+def _load_model_weights(model: keras.Model, path: str) -> None:
+    """Load a checkpoint's model weights; its optimizer state, if any, is ignored."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # Keras warns that the optimizer's saved variables have no counterpart.
+        warnings.filterwarnings("ignore", message=".*optimizer.*")
+        warnings.filterwarnings("ignore", message=".*Skipping variable loading.*")
+        model.load_weights(path)
+
+
+def encoder_fn(model: SimSiam, output: str = "features"):
+    """The network whose output is served: float normalised images -> float32 [B, D]."""
+    if output not in OUTPUTS:
+        raise UsageError(f"--output {output!r}: choose features or projection")
+
+    def encode(x):
+        features = model.backbone(x, training=False)
+        if output == "projection":
+            return tf.cast(model.projector(features, training=False), tf.float32)
+        return tf.cast(features, tf.float32)
+
+    return encode
+
+
+def decode_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+    """JPEG/PNG bytes [B] of any sizes -> uint8 [B, S, S, 3], resized as in training."""
+
+    def one(data):
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+        image.set_shape([None, None, 3])
+        return aug.resize_uint8(image[None], image_size)[0]
+
+    return tf.map_fn(
+        one, image_bytes, fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8)
+    )
+
+
+def build_signatures(model: SimSiam, config: TrainConfig, output: str = "features"):
+    """The two serving functions, traced (ExportArchive needs concrete functions)."""
+    encode = encoder_fn(model, output)
+    size = config.image_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_bytes(image_bytes):
+        images = decode_images(image_bytes, size)
+        return {"embedding": encode(aug.eval_preprocess(images, size))}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve_pixels(images):
+        return {"embedding": encode(aug.eval_preprocess(images, size))}
+
+    serve_bytes.get_concrete_function()
+    serve_pixels.get_concrete_function()
+    return serve_bytes, serve_pixels
+
+
+def next_version(export_dir: str) -> int:
+    """One more than the largest integer version directory (1 for a new base path)."""
+    if not os.path.isdir(export_dir):
+        return 1
+    versions = [int(d) for d in os.listdir(export_dir) if d.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def export_saved_model(
+    model: SimSiam,
+    config: TrainConfig,
+    export_dir: str,
+    version: int | None = None,
+    output: str = "features",
+    source: str | None = None,
+) -> str:
+    """Write EXPORT_DIR/N atomically and return its path.
+
+    The SavedModel is written to a hidden temporary directory beside the versions and
+    renamed into place, so a server polling EXPORT_DIR never sees a half-written
+    version (TF Serving issues 631, 1086).
+    """
+    if version is not None and version < 1:
+        raise UsageError(f"--version must be a positive integer, got {version}")
+    os.makedirs(export_dir, exist_ok=True)
+    version = version or next_version(export_dir)
+    final = os.path.join(export_dir, str(version))
+    if os.path.exists(final):
+        raise UsageError(f"{final} already exists; choose another --version or leave it out for the next one")
+
+    serve_bytes, serve_pixels = build_signatures(model, config, output)
+    archive = keras.export.ExportArchive()
+    archive.track(model.backbone)
+    if output == "projection":
+        archive.track(model.projector)
+    archive.add_endpoint("serving_default", serve_bytes)
+    archive.add_endpoint("serving_pixels", serve_pixels)
+
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
+    try:
+        archive.write_out(tmp, verbose=False)
+        embedding_dim = int(serve_pixels.get_concrete_function().structured_outputs["embedding"].shape[-1])
+        metadata = {
+            "output": output,
+            "embedding_dim": embedding_dim,
+            "image_size": config.image_size,
+            "precision": config.precision,
+            "backbone": config.backbone,
+            "source_checkpoint": source,
+        }
+        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+            json.dump(metadata, f, indent=2)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def describe_signatures(saved_model_dir: str) -> str:
+    """A short text listing of a SavedModel's signatures, inputs and outputs."""
+    loaded = tf.saved_model.load(saved_model_dir)
+    lines = []
+    for name, fn in sorted(loaded.signatures.items()):
+        inputs = fn.structured_input_signature[1]
+        outs = fn.structured_outputs
+        fmt = lambda spec: f"{spec.dtype.name}{[d if d is not None else -1 for d in spec.shape.as_list()]}"
+        ins = ", ".join(f"{k}: {fmt(v)}" for k, v in sorted(inputs.items()))
+        o = ", ".join(f"{k}: {fmt(v)}" for k, v in sorted(outs.items()))
+        lines.append(f"  {name}({ins}) -> {o}")
+    return "\n".join(lines)

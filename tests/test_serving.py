@@ -1,0 +1,229 @@
+"""The REST contract of the local stand-in server, and the client, against a real export."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving import local_server
+from serving.client import ClientError, EmbeddingClient
+from simsiam_tf import export, training
+from simsiam_tf.callbacks import FeatureExtractor
+from simsiam_tf.config import make_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _png(image):
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+PNGS = [_png(im) for im in IMAGES]
+B64 = [base64.b64encode(p).decode("ascii") for p in PNGS]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    config = make_config("digits", width=8, proj_dim=64, pred_dim=16, batch_size=32, epochs=1, train_limit=64, knn_k=20)
+    training.run(config, str(root / "run"), verbose=0)
+    config, model, _ = export.load_run(str(root / "run"))
+    base = str(root / "models" / "simsiam")
+    export.export_saved_model(model, config, base)
+    expected = FeatureExtractor(model.backbone, 32)(IMAGES)
+    return {"base": base, "expected": expected, "model": model, "config": config, "run": str(root / "run")}
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    srv, manager = local_server.serve("simsiam", exported["base"], port=0, poll_seconds=0.2, max_request_bytes=200_000)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://127.0.0.1:{srv.server_address[1]}", "manager": manager, **exported}
+    manager.stop()
+    srv.shutdown()
+    srv.server_close()
+
+
+def _call(url, body=None, raw=None, method=None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _predict(server, body, version=None):
+    path = "/v1/models/simsiam" + (f"/versions/{version}" if version else "") + ":predict"
+    return _call(server["url"] + path, body)
+
+
+def test_row_format_with_b64(server):
+    status, out = _predict(server, {"instances": [{"b64": b} for b in B64]})
+    assert status == 200 and set(out) == {"predictions"}
+    np.testing.assert_allclose(np.array(out["predictions"]), server["expected"], atol=1e-5)
+
+
+def test_row_format_with_named_inputs_and_signature(server):
+    body = {"signature_name": "serving_default", "instances": [{"image_bytes": {"b64": b}} for b in B64[:2]]}
+    status, out = _predict(server, body)
+    assert status == 200
+    np.testing.assert_allclose(np.array(out["predictions"]), server["expected"][:2], atol=1e-5)
+
+
+def test_columnar_format(server):
+    for inputs in ({"image_bytes": [{"b64": b} for b in B64]}, [{"b64": b} for b in B64]):
+        status, out = _predict(server, {"inputs": inputs})
+        assert status == 200 and set(out) == {"outputs"}
+        np.testing.assert_allclose(np.array(out["outputs"]), server["expected"], atol=1e-5)
+
+
+def test_pixels_signature(server):
+    status, out = _predict(server, {"signature_name": "serving_pixels", "instances": IMAGES[:2].tolist()})
+    assert status == 200
+    np.testing.assert_allclose(np.array(out["predictions"]), server["expected"][:2], atol=1e-5)
+
+
+def test_version_path_status_and_metadata(server):
+    status, out = _predict(server, {"instances": [{"b64": B64[0]}]}, version=1)
+    assert status == 200
+    assert _call(server["url"] + "/v1/models/simsiam") == (
+        200, {"model_version_status": [{"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    )
+    status, meta = _call(server["url"] + "/v1/models/simsiam/versions/1/metadata")
+    assert status == 200 and meta["model_spec"] == {"name": "simsiam", "signature_name": "", "version": "1"}
+    sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert sig["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
+    assert sig["outputs"]["embedding"]["tensor_shape"]["dim"] == [{"size": "-1"}, {"size": "64"}]
+    assert sig["method_name"] == "tensorflow/serving/predict"
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"instances": [{"b64": "not base64!"}]}, 400, "not valid base64"),
+        ({"instances": [{"b64": base64.b64encode(b"plain text, not an image").decode()}]}, 400, "Unknown image file format"),
+        ({"instances": []}, 400, "'instances' is empty"),
+        ({"signature_name": "embed_everything", "instances": [{"b64": B64[0]}]}, 400, 'signature name: "embed_everything" not found'),
+        ({"instances": [{"b64": B64[0]}], "inputs": [{"b64": B64[0]}]}, 400, "both 'instances' and 'inputs'"),
+        ({"signature_name": "serving_pixels", "instances": [[[1, 2, 3]]]}, 400, "must have rank 4"),
+        ({"signature_name": "serving_pixels", "instances": [[[[1, 2]]]]}, 400, "must have shape [-1, -1, -1, 3]"),
+        ({"signature_name": "serving_pixels", "instances": [[[[1, 2, 256]]]]}, 400, "outside [0, 255]"),
+        ({"signature_name": "serving_pixels", "instances": [[[["a", 2, 3]]]]}, 400, "must hold uint8 numbers"),
+        ({"instances": [123]}, 400, "must be a string or {\"b64\": ...}"),
+        ({"signature_name": "serving_pixels", "instances": [[[[1, 2, 3]]], [[[1, 2, 3], [4, 5, 6]]]]}, 400, "ragged"),
+        ({"something": 1}, 400, "Unexpected key(s) ['something']"),
+        ({}, 400, "Missing 'instances' or 'inputs'"),
+    ],
+)
+def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, status, message):
+    got_status, out = _predict(server, body)
+    assert got_status == status and message in out["error"], out
+    ok, _ = _predict(server, {"instances": [{"b64": B64[0]}]})
+    assert ok == 200
+
+
+def test_not_found_and_malformed_paths(server):
+    assert _call(server["url"] + "/v1/models/other")[0] == 404
+    assert _call(server["url"] + "/v1/models/simsiam/versions/9")[0] == 404
+    assert _predict(server, {"instances": [{"b64": B64[0]}]}, version=9)[0] == 404
+    assert _call(server["url"] + "/v1/models/simsiam/versions/..%2F..")[0] in (400, 404)
+    assert _call(server["url"] + "/nothing/here")[0] == 404
+    status, out = _call(server["url"] + "/v1/models/simsiam:predict", raw=b"{not json")
+    assert status == 400 and "JSON Parse error" in out["error"]
+
+
+def test_request_size_limit(server):
+    big = {"instances": [{"b64": base64.b64encode(os.urandom(300_000)).decode()}]}
+    status, out = _predict(server, big)
+    assert status == 413 and "exceeds the limit" in out["error"]
+
+
+def test_new_version_is_served_without_restart(server):
+    base = server["base"]
+    shutil.copytree(os.path.join(base, "1"), os.path.join(base, ".tmp-2"))
+    os.rename(os.path.join(base, ".tmp-2"), os.path.join(base, "2"))
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        status, out = _call(server["url"] + "/v1/models/simsiam")
+        if out["model_version_status"][0]["version"] == "2":
+            break
+        time.sleep(0.1)
+    assert out["model_version_status"][0]["version"] == "2"
+    assert _predict(server, {"instances": [{"b64": B64[0]}]})[0] == 200
+    assert _predict(server, {"instances": [{"b64": B64[0]}]}, version=1)[0] == 404  # latest policy
+
+
+def test_client_embeds_in_batches(server):
+    client = EmbeddingClient(server["url"], "simsiam", batch_size=3)
+    vectors = client.embed(PNGS)
+    np.testing.assert_allclose(np.array(vectors), server["expected"], atol=1e-5)
+    assert client.status()["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+def test_client_errors_are_clear(server):
+    with pytest.raises(ClientError, match="HTTP 400: .*Unknown image file format"):
+        EmbeddingClient(server["url"], "simsiam", retries=0).embed([b"not an image"])
+    with pytest.raises(ClientError, match="HTTP 404"):
+        EmbeddingClient(server["url"], "nosuchmodel", retries=0).embed(PNGS[:1])
+    started = time.time()
+    with pytest.raises(ClientError, match="cannot reach the server after 3 attempt"):
+        EmbeddingClient("http://127.0.0.1:9", "simsiam", retries=2, backoff=0.01, timeout=2).embed(PNGS[:1])
+    assert time.time() - started < 10
+
+
+def test_end_to_end_cli_train_export_serve_query(tmp_path):
+    """train.py -> export.py -> local_server.py -> python -m serving.client, all as a user runs them."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    py = sys.executable
+    run = str(tmp_path / "run")
+    base = str(tmp_path / "exports" / "simsiam")
+    steps = [
+        [py, "train.py", "--width", "8", "--batch-size", "32", "--train-limit", "64", "--epochs", "1", "--logdir", run],
+        [py, "export.py", "--run", run, "--export-dir", base],
+    ]
+    for cmd in steps:
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    server = subprocess.Popen(
+        [py, "serving/local_server.py", "--model_name", "simsiam", "--model_base_path", base, "--rest_api_port", "0"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:"), line
+        url = line.split()[2]
+        files = []
+        for i, im in enumerate(IMAGES[:3]):
+            path = tmp_path / f"img{i}.png"
+            path.write_bytes(_png(im))
+            files.append(str(path))
+        query = subprocess.run(
+            [py, "-m", "serving.client", "--url", url, "--model", "simsiam", *files],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert query.returncode == 0, query.stderr[-2000:]
+        result = json.loads(query.stdout)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert [r["image"] for r in result] == files
+    config, model, _ = export.load_run(run)
+    expected = FeatureExtractor(model.backbone, 32)(IMAGES[:3])
+    np.testing.assert_allclose(np.array([r["embedding"] for r in result]), expected, atol=1e-5)
