@@ -206,6 +206,7 @@ def write_json_atomic(path: str, data: Any) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these files are meant to be shared
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
