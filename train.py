@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int)
     p.add_argument("--knn-every", type=_positive_int, help="kNN monitor every N epochs (0 = off)")
     p.add_argument("--knn-bank-size", dest="knn_train_limit", type=_positive_int, help="cap the kNN feature bank (0 = whole train split)")
+    p.add_argument("--diag-every", type=_positive_int, help="representation diagnostics every N epochs (0 = off)")
     p.add_argument("--train-limit", type=_positive_int, help="train on a fixed random subset of N images (0 = all)")
     return p
 
@@ -75,13 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_KEYS = (
     "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
     "strategy", "cpu_replicas", "precision", "stop_gradient", "backbone", "width",
-    "image_size", "knn_every", "knn_train_limit", "train_limit",
+    "image_size", "knn_every", "knn_train_limit", "train_limit", "diag_every",
 )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from simsiam_tf.config import UsageError, make_config
+    from simsiam_tf.config import TrainingDiverged, UsageError, make_config
 
     explicit = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
     if args.lr is not None:
@@ -99,15 +100,19 @@ def main(argv=None) -> int:
         else:
             config = make_config(args.preset, **explicit)
             logdir = args.logdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        from simsiam_tf.rundir import check_logdir
+        from simsiam_tf.rundir import check_logdir, tf_config_is_chief
 
-        check_logdir(logdir, resume=bool(args.resume))
+        if config.strategy != "multi_worker" or tf_config_is_chief():
+            check_logdir(logdir, resume=bool(args.resume))
         from simsiam_tf import training  # imports TensorFlow: only for a valid command
 
         training.run(config, logdir, resume=bool(args.resume))
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("\ninterrupted; continue with: python train.py --resume " + logdir, file=sys.stderr)
         return 130

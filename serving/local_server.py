@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `serving` importable
 from serving import rest_api  # noqa: E402
 from serving.rest_api import RequestError, TensorInfo  # noqa: E402
 
+_VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() accepts "١"
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<tail>:predict|/metadata)?$")
 
 
@@ -122,7 +123,7 @@ class ModelManager:
             return []
         return sorted(
             int(d) for d in entries
-            if d.isdigit() and os.path.isfile(os.path.join(self.base_path, d, "saved_model.pb"))
+            if _VERSION.fullmatch(d) and os.path.isfile(os.path.join(self.base_path, d, "saved_model.pb"))
         )
 
     def poll(self) -> None:
@@ -164,7 +165,7 @@ class ModelManager:
             if current is None:
                 raise RequestError(f"Servable not found for request: Latest({name})", 404)
             return current
-        if not version.isdigit():
+        if not _VERSION.fullmatch(version):
             raise RequestError(f"Invalid version '{version[:20]}': versions are integers", 400)
         if current is None or current.version != int(version):
             raise RequestError(f"Servable not found for request: Specific({name}, {int(version)})", 404)

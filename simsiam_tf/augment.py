@@ -290,19 +290,33 @@ class SimSiamAugment(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
         self._blur_radius = int(round(3 * spec.blur_sigma[1]))
         self._call_seed = None
 
-    def call(self, images, seed):
+    def call(self, images, seed, offset=0, total=None):
+        """Augment `images`; with `total`, they are rows offset..offset+B of a batch of `total`.
+
+        The random parameters are drawn for the whole batch of `total` images and the
+        rows of this slice are used, so a worker that augments only its share of a
+        global batch gets exactly the views a single process would have made.
+        """
         # keras-cv hands get_random_transformation_batch only the images, so this
-        # call's seed rides on the layer while the call is traced.
+        # call's seed and slice ride on the layer while the call is traced.
         self._call_seed = tf.cast(seed, tf.int64)
+        self._call_slice = (offset, total)
         try:
             return super().call(images)
         finally:
             self._call_seed = None
+            self._call_slice = (0, None)
 
     def get_random_transformation_batch(self, batch_size, images=None, **kwargs):
+        offset, total = getattr(self, "_call_slice", (0, None))
+        if total is None:
+            return self._draw(batch_size, tf.shape(images))
+        drawn = self._draw(total, tf.shape(images))
+        return {k: v[offset : offset + batch_size] for k, v in drawn.items()}
+
+    def _draw(self, batch_size, shape):
         spec = self.spec
         seeds = tf.unstack(tf.random.experimental.stateless_split(self._call_seed, 8))
-        shape = tf.shape(images)
 
         def coin(seed, p):
             return tf.random.stateless_uniform([batch_size], seed) < p
@@ -353,10 +367,13 @@ class SimSiamAugment(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
         return cls(AugmentSpec(**spec), **config)
 
 
-def two_views(augment: SimSiamAugment, images: tf.Tensor, seed: tf.Tensor):
-    """Both SimSiam views of one batch of images, from one seed."""
+def two_views(augment: SimSiamAugment, images: tf.Tensor, seed: tf.Tensor, offset=0, total=None):
+    """Both SimSiam views of one batch of images (or of rows offset.. of a batch of `total`)."""
     seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    return augment(images, seed=seed1), augment(images, seed=seed2)
+    return (
+        augment(images, seed=seed1, offset=offset, total=total),
+        augment(images, seed=seed2, offset=offset, total=total),
+    )
 
 
 def naive_keras_cv_augment(spec: AugmentSpec, seed: int = 0):

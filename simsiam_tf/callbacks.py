@@ -37,10 +37,25 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     whose weights are not complete.
     """
 
-    def __init__(self, backup_dir: str):
+    def __init__(self, backup_dir: str, restore_dir: str | None = None):
         super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+        # Under multi-worker training every worker saves its own copy, but all restore
+        # the chief's: the copies are identical, and one source means every worker
+        # resumes at the same epoch even if a crash hit between their saves.
+        self.restore_dir = restore_dir or backup_dir
+
+    def _load_model(self):
+        own = (self._weights_path, self._training_metadata_path)
+        self._weights_path = os.path.join(self.restore_dir, os.path.basename(own[0]))
+        self._training_metadata_path = os.path.join(self.restore_dir, os.path.basename(own[1]))
+        try:
+            super()._load_model()
+        finally:
+            self._weights_path, self._training_metadata_path = own
 
     def _save_model(self):
+        if getattr(self.model, "diverged", None):
+            return  # keep the last good state, never a NaN one
         os.makedirs(self.backup_dir, exist_ok=True)
         _save_weights_atomic(self.model, self._weights_path)
         write_json_atomic(
@@ -126,6 +141,35 @@ class KnnProbe:
         )
 
 
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training at the first step whose loss is NaN or infinite.
+
+    It records the step on `model.diverged`, which the backup and the monitor read so
+    that nothing written after the divergence replaces the last good checkpoint.
+    Keras's TerminateOnNaN stops too, but lets the epoch-end callbacks save NaN weights.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self.model.diverged = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float(np.ravel((logs or {}).get("loss", 0.0))[0])
+        if not np.isfinite(loss) and not self.model.diverged:
+            self.model.diverged = {
+                "step": int(self.model.optimizer.iterations.numpy()),
+                "epoch": self._epoch + 1,
+                "loss": str(loss),
+            }
+            self.model.stop_training = True
+
+
 class TrainingMonitor(keras.callbacks.Callback):
     """TensorBoard scalars and images, kNN every few epochs, best checkpoint, summary.json.
 
@@ -144,8 +188,10 @@ class TrainingMonitor(keras.callbacks.Callback):
         view_pairs: tuple[np.ndarray, np.ndarray] | None = None,
         previous_summary: dict | None = None,
         is_chief: bool = True,
+        initial_epoch: int = 0,
     ):
         super().__init__()
+        self.initial_epoch = initial_epoch
         self.logdir = logdir
         self.config = config
         self.steps_per_epoch = steps_per_epoch
@@ -181,7 +227,7 @@ class TrainingMonitor(keras.callbacks.Callback):
                 tf.summary.scalar(tag, float(value), step=int(step))
 
     def _run_knn(self):
-        if self.knn_probe is None:
+        if self.knn_probe is None or not self.is_chief:
             return None
         started = time.time()
         top1 = self.knn_probe(self.model.backbone)
@@ -201,12 +247,14 @@ class TrainingMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._started = time.time()
         self._knn_time = 0.0
-        if self.summary["knn_top1_init"] is None and self.knn_probe is not None:
+        if self.initial_epoch == 0 and self.knn_probe is not None:
+            # Every worker calibrates, so that their BatchNorm statistics stay identical.
             calibrate_batchnorm(self.model.backbone, self.knn_probe.bank_images, self.config.image_size)
-            top1 = self._run_knn()
-            self.summary["knn_top1_init"] = top1
-            self._scalar("knn/top1", top1, 0)
-            print(f"kNN top-1 before training: {top1:.4f} (random init, BatchNorm statistics from data)", flush=True)
+            if self.is_chief and self.summary["knn_top1_init"] is None:
+                top1 = self._run_knn()
+                self.summary["knn_top1_init"] = top1
+                self._scalar("knn/top1", top1, 0)
+                print(f"kNN top-1 before training: {top1:.4f} (random init, BatchNorm statistics from data)", flush=True)
         if self.view_pairs is not None and self.writer is not None:
             x1, x2 = self.view_pairs
             mean, std = np.array(aug.IMAGENET_MEAN), np.array(aug.IMAGENET_STD)
@@ -227,6 +275,10 @@ class TrainingMonitor(keras.callbacks.Callback):
                     self._scalar(f"train/{key}", np.ravel(logs[key])[0], step)
 
     def on_epoch_end(self, epoch, logs=None):
+        if getattr(self.model, "diverged", None):
+            self.summary["diverged"] = self.model.diverged
+            self._write_summary()
+            return
         logs = {k: float(np.ravel(v)[0]) for k, v in (logs or {}).items()}
         epoch_time = time.time() - self._epoch_started
         images = self.steps_per_epoch * self.config.batch_size
@@ -244,7 +296,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         record = {"epoch": done, "loss": logs.get("loss"), "z_std": logs.get("z_std"), "lr": logs.get("lr")}
 
         every = self.config.knn_every
-        if self.knn_probe is not None and every and (done % every == 0 or done == self.config.epochs):
+        if self.knn_probe is not None and self.is_chief and every and (done % every == 0 or done == self.config.epochs):
             top1 = self._run_knn()
             record["knn_top1"] = top1
             self.summary["knn_top1"] = top1

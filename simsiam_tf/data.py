@@ -149,8 +149,11 @@ def _scan_split(root: str) -> tuple[list[str], list[int] | None, list[str]]:
     A folder with image-holding subfolders is labelled by subfolder name; a folder of
     loose images is unlabelled.
     """
+    # Symlinked folders are not classes: a link back up the tree would repeat images.
     classes = sorted(
-        d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and _image_files(os.path.join(root, d))
+        d for d in os.listdir(root)
+        if os.path.isdir(os.path.join(root, d)) and not os.path.islink(os.path.join(root, d))
+        and _image_files(os.path.join(root, d))
     )
     if classes:
         files, labels = [], []
@@ -224,8 +227,60 @@ def load_folder(path: str, image_size: int, memory_fraction: float = 0.5, train_
     )
 
 
+MAX_PIXELS = 250_000_000  # larger images are skipped rather than risk running out of memory
+
+
+def _decode(raw: tf.Tensor, image_size: int) -> tf.Tensor:
+    """JPEG/PNG/GIF/BMP bytes -> uint8 [H, W, 3]; large JPEGs are decoded at 1/2-1/8 scale.
+
+    libjpeg can decode at a reduced scale for almost nothing, so a 10,000 px photo never
+    takes 300 MB as full-size pixels when 32 px are wanted.
+    """
+
+    def jpeg():
+        hw = tf.io.extract_jpeg_shape(raw)
+        fold = tf.minimum(hw[0], hw[1]) // image_size
+        branch = tf.cast(fold >= 2, tf.int32) + tf.cast(fold >= 4, tf.int32) + tf.cast(fold >= 8, tf.int32)
+        return tf.switch_case(
+            branch, [lambda r=r: tf.io.decode_jpeg(raw, channels=3, ratio=r) for r in (1, 2, 4, 8)]
+        )
+
+    def other():
+        image = tf.io.decode_image(raw, channels=3, dtype=tf.uint8, expand_animations=False)
+        return tf.ensure_shape(image, [None, None, 3])
+
+    image = tf.cond(tf.io.is_jpeg(raw), jpeg, other)
+    tf.debugging.assert_less_equal(
+        tf.cast(tf.shape(image)[0], tf.int64) * tf.cast(tf.shape(image)[1], tf.int64),
+        tf.constant(MAX_PIXELS, tf.int64),
+        message="image too large",
+    )
+    return image
+
+
+def _decode_with_pillow(path: str, image_size: int) -> np.ndarray | None:
+    """Second chance for files TensorFlow cannot decode (CMYK JPEG, unusual PNG modes).
+
+    Returns uint8 [S, S, 3], or None when Pillow cannot read the file either.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                return None
+            image.draft("RGB", (image_size, image_size))  # JPEG: decode at reduced scale
+            rgb = np.asarray(image.convert("RGB"))
+    except Exception:  # Pillow raises many types for broken files; all mean "skip it"
+        return None
+    return aug.resize_uint8(rgb[None], image_size)[0].numpy()
+
+
 def decode_files(files: list[str], labels: list[int] | None, image_size: int):
     """Decode and resize image files in parallel with tf.data.
+
+    Files TensorFlow cannot decode get a second try with Pillow; files neither can read
+    (empty, truncated, not images, unreadable, too large) are left out and returned.
 
     Returns:
         (uint8 [N, S, S, 3], int32 [N] or None, list of the files that failed).
@@ -234,8 +289,7 @@ def decode_files(files: list[str], labels: list[int] | None, image_size: int):
     index = np.arange(len(files), dtype=np.int64)
 
     def read(path, i):
-        raw = tf.io.read_file(path)
-        image = tf.io.decode_image(raw, channels=3, dtype=tf.uint8, expand_animations=False)
+        image = _decode(tf.io.read_file(path), image_size)
         return aug.resize_uint8(image[None], image_size)[0], i
 
     ds = (
@@ -249,11 +303,21 @@ def decode_files(files: list[str], labels: list[int] | None, image_size: int):
     for images, i in ds:
         chunks.append(images.numpy())
         kept.append(i.numpy())
+    failed = sorted(set(range(len(files))) - set(np.concatenate(kept).tolist() if kept else []))
+    rescued = []
+    for i in failed:
+        image = _decode_with_pillow(files[i], image_size)
+        if image is not None:
+            chunks.append(image[None])
+            kept.append(np.array([i]))
+            rescued.append(i)
     kept_idx = np.concatenate(kept) if kept else np.zeros([0], np.int64)
     images = np.concatenate(chunks) if chunks else np.zeros([0, image_size, image_size, 3], np.uint8)
-    failed = sorted(set(range(len(files))) - set(kept_idx.tolist()))
+    order = np.argsort(kept_idx, kind="stable")  # back to file order
+    images, kept_idx = images[order], kept_idx[order]
     out_labels = None if labels is None else np.asarray(labels, np.int32)[kept_idx]
-    return images, out_labels, [files[i] for i in failed]
+    skipped = [files[i] for i in failed if i not in set(rescued)]
+    return images, out_labels, skipped
 
 
 def _check_memory(count: int, image_size: int, fraction: float, what: str) -> None:
@@ -365,6 +429,7 @@ def pair_dataset(
     seed: int,
     epochs: int,
     initial_epoch: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> tf.data.Dataset:
     """Batches of two augmented views, ((x1, x2)), for epochs initial_epoch..epochs-1.
 
@@ -372,6 +437,10 @@ def pair_dataset(
     (seed, epoch) and (seed, step), so a resumed run sees exactly the batches an
     uninterrupted run would have seen. Both views of an image come from the same gathered
     uint8 batch in one `map`.
+
+    With `shard=(i, n)`, each element is the i-th of n equal slices of the global batch
+    (one worker's share), with exactly the views the unsharded pipeline makes for those
+    rows.
     """
     num = len(images)
     steps = steps_per_epoch(num, global_batch)
@@ -380,6 +449,10 @@ def pair_dataset(
             f"--batch-size {global_batch} is larger than the {num} training images; "
             f"use --batch-size {max(2, num // 2)} or less"
         )
+    index, count = shard
+    if global_batch % count:
+        raise UsageError(f"--batch-size {global_batch} is not divisible by the {count} input shards")
+    local = global_batch // count
     stored = tf.constant(images)
 
     def epoch_batches(epoch):
@@ -388,11 +461,14 @@ def pair_dataset(
         )
         batches = tf.reshape(order[: steps * global_batch], [steps, global_batch])
         step = epoch * steps + tf.range(steps, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices((batches, step))
+        return tf.data.Dataset.from_tensor_slices((batches[:, index * local : (index + 1) * local], step))
 
-    def make_views(index, step):
+    def make_views(batch_index, step):
         batch_seed = tf.stack([tf.constant(seed, tf.int64), tf.constant(1, tf.int64) + step])
-        return aug.two_views(augment, tf.gather(stored, index), batch_seed)
+        images_ = tf.gather(stored, batch_index)
+        if count == 1:
+            return aug.two_views(augment, images_, batch_seed)
+        return aug.two_views(augment, images_, batch_seed, offset=index * local, total=global_batch)
 
     return (
         tf.data.Dataset.range(initial_epoch, epochs)
@@ -400,6 +476,33 @@ def pair_dataset(
         .map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def distributed_pairs(strategy: tf.distribute.Strategy, images, global_batch, augment, seed, epochs, initial_epoch=0):
+    """`pair_dataset` for `strategy`: one pipeline per worker, each making only its share.
+
+    Single-worker strategies get the plain dataset (Keras splits each global batch over
+    the local replicas). Under MultiWorkerMirroredStrategy each worker builds its own
+    slice of every global batch, so no worker decodes or augments another's images,
+    and together they see exactly the batches of a single-process run; its elements
+    are the two views stacked on the channel axis, [B, S, S, 6] (`model.split_views`).
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return pair_dataset(images, global_batch, augment, seed, epochs, initial_epoch)
+
+    def worker_dataset(ctx: tf.distribute.InputContext):
+        ds = pair_dataset(
+            images, global_batch, augment, seed, epochs, initial_epoch,
+            shard=(ctx.input_pipeline_id, ctx.num_input_pipelines),
+        )
+        per_replica = ctx.get_per_replica_batch_size(global_batch)
+        if per_replica != global_batch // ctx.num_input_pipelines:  # several replicas per worker
+            ds = ds.unbatch().batch(per_replica, drop_remainder=True)
+        # One tensor per element: Keras's fit() reduces a peeked batch with
+        # strategy.reduce, which MultiWorkerMirroredStrategy cannot do on a tuple.
+        return ds.map(lambda x1, x2: tf.concat([x1, x2], axis=-1))
+
+    return strategy.distribute_datasets_from_function(worker_dataset)
 
 
 def eval_batches(images: np.ndarray, image_size: int, batch_size: int = 256) -> tf.data.Dataset:

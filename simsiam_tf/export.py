@@ -124,7 +124,7 @@ def next_version(export_dir: str) -> int:
     """One more than the largest integer version directory (1 for a new base path)."""
     if not os.path.isdir(export_dir):
         return 1
-    versions = [int(d) for d in os.listdir(export_dir) if d.isdigit()]
+    versions = [int(d) for d in os.listdir(export_dir) if d.isascii() and d.isdigit()]
     return max(versions, default=0) + 1
 
 

@@ -47,3 +47,18 @@ def z_std(z: tf.Tensor) -> tf.Tensor:
     """
     z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=1)
     return tf.reduce_mean(tf.math.reduce_std(z, axis=0))
+
+
+def global_z_std(z: tf.Tensor) -> tf.Tensor:
+    """`z_std` over the global batch, inside a replica context of any strategy.
+
+    Per-channel sums of z and z^2 are all-reduced (2 x D numbers), so the value equals
+    `z_std` of the whole global batch, not an average of smaller per-replica estimates.
+    """
+    z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=1)
+    ctx = tf.distribute.get_replica_context()
+    count = ctx.all_reduce("sum", tf.cast(tf.shape(z)[0], tf.float32))
+    mean = ctx.all_reduce("sum", tf.reduce_sum(z, axis=0)) / count
+    mean_sq = ctx.all_reduce("sum", tf.reduce_sum(tf.square(z), axis=0)) / count
+    return tf.reduce_mean(tf.sqrt(tf.maximum(mean_sq - tf.square(mean), 0.0)))
+

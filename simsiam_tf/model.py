@@ -178,6 +178,13 @@ def build_predictor(
     return keras.Model(inputs, p, name="predictor")
 
 
+def split_views(data):
+    """(x1, x2) from a pair of batches, or from one [B, H, W, 6] tensor of stacked views."""
+    if isinstance(data, (tuple, list)):
+        return data
+    return data[..., :3], data[..., 3:]
+
+
 class SimSiam(keras.Model):
     """SimSiam (Chen & He, 2021): encoder f = projector(backbone(x)), predictor h.
 
@@ -218,7 +225,7 @@ class SimSiam(keras.Model):
         return p1, p2, z1, z2
 
     def train_step(self, data):
-        x1, x2 = data
+        x1, x2 = split_views(data)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             p1, p2, z1, z2 = self.forward_pair(x1, x2, training=True)
@@ -231,7 +238,7 @@ class SimSiam(keras.Model):
         grads = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
         self.loss_tracker.update_state(loss)
-        self.z_std_tracker.update_state(losses.z_std(z1))
+        self.z_std_tracker.update_state(losses.global_z_std(z1))
         logs = {
             "loss": self.loss_tracker.result(),
             "z_std": self.z_std_tracker.result(),

@@ -12,6 +12,7 @@ This module does not import TensorFlow, so bad command lines fail fast.
 
 from __future__ import annotations
 
+import json
 import os
 
 from simsiam_tf.config import TrainConfig, UsageError, load_config
@@ -57,3 +58,20 @@ def resolve_resume(logdir: str, explicit: dict) -> TrainConfig:
             + ". Drop them, or start a new run"
         )
     return config
+
+
+def tf_config_is_chief() -> bool:
+    """Whether TF_CONFIG (if any) makes this process the chief: the one that writes the run.
+
+    The chief is the task of type "chief", or worker 0 when the cluster has no chief.
+    Without TF_CONFIG there is one process, and it is the chief.
+    """
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError:
+        return True  # make_strategy reports the bad TF_CONFIG
+    task = tf_config.get("task", {})
+    if "chief" in tf_config.get("cluster", {}):
+        return task.get("type") == "chief"
+    return task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0
+

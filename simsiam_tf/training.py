@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -18,10 +20,32 @@ from simsiam_tf import augment as aug
 from simsiam_tf import callbacks as cb
 from simsiam_tf import data as data_lib
 from simsiam_tf import distribute
-from simsiam_tf.config import TrainConfig, UsageError, save_config
+from simsiam_tf.diagnostics import probe as diag_probe
+from simsiam_tf.diagnostics import projector
+from simsiam_tf.config import TrainConfig, TrainingDiverged, UsageError, save_config
 from simsiam_tf.rundir import LAST_DIR, check_logdir
 from simsiam_tf.model import build_simsiam
 from simsiam_tf.optim import make_optimizer
+
+
+def check_disk_space(logdir: str, model: keras.Model) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints a run writes.
+
+    Every epoch writes the model and optimizer state (weights plus momentum) to a
+    temporary file beside the last one, and the best checkpoint may be rewritten too:
+    about four copies of weights-and-momentum at peak, plus room for logs.
+    """
+    params = sum(int(np.prod(v.shape)) for v in model.weights)
+    needed = 4 * (2 * 4 * params) + (16 << 20)
+    existing = os.path.abspath(logdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UsageError(
+            f"only {free / 2**20:.0f} MiB free on the disk holding {logdir!r}; this run's checkpoints "
+            f"need about {needed / 2**20:.0f} MiB; free some space or choose another --logdir"
+        )
 
 
 def check_batch(config: TrainConfig, num_train: int, replicas: int) -> None:
@@ -49,6 +73,7 @@ def run(
     strategy: tf.distribute.Strategy | None = None,
     data: data_lib.ImageData | None = None,
     verbose="auto",
+    extra_callbacks=(),
 ) -> dict:
     """Train SimSiam as `config` says, writing everything into `logdir`.
 
@@ -58,11 +83,12 @@ def run(
         UsageError: bad input, detected before anything is written.
     """
     started = time.time()
-    check_logdir(logdir, resume)
     if strategy is None:
         strategy = distribute.make_strategy(config.strategy, config.cpu_replicas)
     replicas = strategy.num_replicas_in_sync
     chief = distribute.is_chief(strategy)
+    if chief:  # other workers find the chief's files there: that is expected
+        check_logdir(logdir, resume)
     if data is None:
         data = data_lib.load(config.dataset, config.image_size, config.data_dir, config.train_limit)
     if data.skipped:
@@ -73,10 +99,6 @@ def run(
             file=sys.stderr,
         )
     check_batch(config, len(data.train_images), replicas)
-    if chief:
-        os.makedirs(logdir, exist_ok=True)
-        if not resume:
-            save_config(config, os.path.join(logdir, "config.json"))
 
     steps = data_lib.steps_per_epoch(len(data.train_images), config.batch_size)
     keras.utils.set_random_seed(config.seed)
@@ -85,11 +107,16 @@ def run(
         model.rank1_logs = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         model.compile(optimizer=make_optimizer(model, config, steps), jit_compile=False)
         model.optimizer.build(model.trainable_variables)
+    check_disk_space(logdir, model)
+    if chief:
+        os.makedirs(logdir, exist_ok=True)
+        if not resume:
+            save_config(config, os.path.join(logdir, "config.json"))
 
-    backup_dir = os.path.join(logdir, LAST_DIR)
+    restore_dir = backup_dir = os.path.join(logdir, LAST_DIR)
     if not chief:
         backup_dir = os.path.join(logdir, "checkpoints", f"last-{distribute.worker_id(strategy)}")
-    initial_epoch = cb.completed_epochs(backup_dir) if resume else 0
+    initial_epoch = cb.completed_epochs(restore_dir) if resume else 0
     previous = None
     summary_path = os.path.join(logdir, "summary.json")
     if resume and os.path.exists(summary_path):
@@ -102,8 +129,8 @@ def run(
         return previous or {}
 
     augment = aug.SimSiamAugment(aug.AugmentSpec.for_image_size(config.image_size))
-    pairs = data_lib.pair_dataset(
-        data.train_images, config.batch_size, augment, config.seed, config.epochs, initial_epoch
+    pairs = data_lib.distributed_pairs(
+        strategy, data.train_images, config.batch_size, augment, config.seed, config.epochs, initial_epoch
     )
     probe = None
     if config.knn_every and data.has_knn_splits:
@@ -118,9 +145,15 @@ def run(
     view_pairs = tuple(v.numpy() for v in next(iter(preview))) if preview is not None else None
 
     monitor = cb.TrainingMonitor(
-        logdir, config, steps, probe, view_pairs, previous_summary=previous, is_chief=chief
+        logdir, config, steps, probe, view_pairs, previous_summary=previous, is_chief=chief,
+        initial_epoch=initial_epoch,
     )
-    callbacks = [cb.AtomicBackupAndRestore(backup_dir), monitor]
+    # The guard runs first, so a NaN step is flagged before anything saves.
+    callbacks = [cb.DivergenceGuard(), cb.AtomicBackupAndRestore(backup_dir, restore_dir), monitor, *extra_callbacks]
+    if config.diag_every:
+        callbacks.append(
+            diag_probe.DiagnosticsCallback(logdir, config, data.train_images, steps, initial_epoch, is_chief=chief)
+        )
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     print(
@@ -129,15 +162,37 @@ def run(
         f"on {replicas} replica(s), lr {config.lr:g}, logdir {logdir}",
         flush=True,
     )
-    model.fit(
-        pairs,
-        epochs=config.epochs,
-        initial_epoch=initial_epoch,
-        steps_per_epoch=steps,
-        callbacks=callbacks,
-        verbose=verbose,
-        shuffle=False,  # pair_dataset orders batches itself, from the seed
-    )
+    try:
+        model.fit(
+            pairs,
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,  # pair_dataset orders batches itself, from the seed
+        )
+    except OSError as e:
+        if e.errno != errno.ENOSPC and "No space left" not in str(e):
+            raise
+        raise UsageError(
+            f"the disk holding {logdir!r} is full; the last complete checkpoint "
+            f"(epoch {cb.completed_epochs(backup_dir)}) is intact in {backup_dir}. Free space, then "
+            f"continue with --resume {logdir}"
+        )
+
+    if model.diverged:
+        d = model.diverged
+        raise TrainingDiverged(
+            f"training diverged: the loss became {d['loss']} at step {d['step']} (epoch {d['epoch']}) and "
+            f"training stopped; the last good checkpoint (epoch {cb.completed_epochs(backup_dir)}) is in "
+            f"{backup_dir}. Lower --lr, or check the data"
+        )
+    if chief and config.projector_images and data.has_knn_splits:
+        projector.write_projector(
+            os.path.join(logdir, "tb"), model.backbone, data.test_images, data.test_labels,
+            data.class_names, config.image_size, config.projector_images,
+        )
     summary = monitor.summary
     if summary.get("knn_top1") is not None:
         print(
@@ -147,3 +202,4 @@ def run(
             flush=True,
         )
     return summary
+

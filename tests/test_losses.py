@@ -68,3 +68,15 @@ def test_z_std_collapsed_and_isotropic():
     d = 64
     iso = _rand([20000, d], 41)
     assert losses.z_std(iso).numpy() == pytest.approx(1 / np.sqrt(d), rel=0.03)
+
+
+def test_global_z_std_equals_z_std_on_one_device_and_across_replicas():
+    from simsiam_tf.distribute import split_cpu
+
+    z = _rand([64, 32], 50)
+    assert losses.global_z_std(z).numpy() == pytest.approx(losses.z_std(z).numpy(), rel=1e-5)
+    strategy = tf.distribute.MirroredStrategy(split_cpu(2))
+    halves = strategy.experimental_distribute_values_from_function(lambda ctx: z[ctx.replica_id_in_sync_group * 32 :][:32])
+    per_replica = strategy.run(losses.global_z_std, args=(halves,))
+    for value in strategy.experimental_local_results(per_replica):
+        assert value.numpy() == pytest.approx(losses.z_std(z).numpy(), rel=1e-5)

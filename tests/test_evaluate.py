@@ -1,0 +1,149 @@
+"""evaluate.py: a run and its exported SavedModel score the same; all three data sources;
+bad input exits 2 with one line."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluate
+from simsiam_tf import data as data_lib
+from simsiam_tf import export, training
+from simsiam_tf.config import make_config
+
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    run_dir = str(root / "run")
+    config = make_config(
+        "digits", width=8, proj_dim=64, pred_dim=16, batch_size=32, epochs=1, train_limit=64,
+        knn_every=1, knn_k=20, diag_every=0, projector_images=0,
+    )
+    training.run(config, run_dir, verbose=0)
+    config, model, source = export.load_run(run_dir)
+    saved = export.export_saved_model(model, config, str(root / "export"), source=source)
+    return run_dir, saved
+
+
+def _main(args, capsys):
+    code = evaluate.main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_and_its_saved_model_score_the_same_on_digits(exported, tmp_path, capsys):
+    run_dir, saved = exported
+    code, out, _ = _main(["--run", run_dir], capsys)
+    assert code == 0
+    from_run = json.loads(open(os.path.join(run_dir, "evaluation.json")).read())
+    assert f"kNN top-1 (k=200, T=0.1): {from_run['knn']['top1']:.4f}" in out
+    assert from_run["source"]["kind"] == "run" and from_run["source"]["checkpoint"].endswith("model.weights.h5")
+    # The whole digits split, not the run's 64-image training subset.
+    assert from_run["train_images"] == 1347 and from_run["test_images"] == 450
+    assert from_run["embedding_dim"] == 64
+
+    # Given the base export directory, the latest version is evaluated.
+    code, _, _ = _main(["--saved-model", os.path.dirname(saved), "--json", str(tmp_path / "served.json")], capsys)
+    assert code == 0
+    served = json.loads((tmp_path / "served.json").read_text())
+    assert served["source"]["path"] == saved and served["source"]["output"] == "features"
+    assert served["knn"]["top1"] == pytest.approx(from_run["knn"]["top1"], abs=1 / 450)
+    assert served["linear_probe"]["top1"] == pytest.approx(from_run["linear_probe"]["top1"], abs=2 / 450)
+    assert served["linear_probe"]["C"] == from_run["linear_probe"]["C"]
+
+
+def test_knn_and_linear_probe_match_a_direct_computation(exported, tmp_path, capsys):
+    from simsiam_tf.callbacks import FeatureExtractor
+    from simsiam_tf.diagnostics import knn, linear_probe
+
+    run_dir, _ = exported
+    out = tmp_path / "e.json"
+    assert _main(["--run", run_dir, "--train-limit", "300", "--json", str(out)], capsys)[0] == 0
+    result = json.loads(out.read_text())
+    config, model, _ = export.load_run(run_dir)
+    data = data_lib.load("digits", 32, train_limit=300)
+    extract = FeatureExtractor(model.backbone, 32)
+    train, test = extract(data.train_images), extract(data.test_images)
+    assert result["knn"]["top1"] == knn.knn_accuracy(train, data.train_labels, test, data.test_labels, 10)
+    assert result["linear_probe"]["top1"] == linear_probe.linear_probe(
+        train, data.train_labels, test, data.test_labels
+    )["top1"]
+
+
+def _folder(root, labelled_test=True):
+    """Two classes a linear probe and kNN separate perfectly: dark and bright images."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 6)):
+        for name, level in (("dark", 30), ("bright", 220)):
+            d = root / split / name if (split == "train" or labelled_test) else root / split
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(level + rng.integers(-20, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{name}{i}.png")
+    return root
+
+
+def test_saved_model_on_an_image_folder(exported, tmp_path, capsys):
+    _, saved = exported
+    folder = _folder(tmp_path / "images")
+    out = tmp_path / "folder.json"
+    code, _, _ = _main(["--saved-model", saved, "--dataset", f"folder:{folder}", "--json", str(out)], capsys)
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["train_images"] == 24 and result["test_images"] == 12
+    assert result["knn"]["top1"] == 1.0 and result["linear_probe"]["top1"] == 1.0
+
+
+def test_run_on_a_tfds_dataset(exported, tmp_path, capsys, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    run_dir, _ = exported
+    # tfds.testing.mock_data stands in for the download; the builder and our loader are real.
+    monkeypatch.setattr(data_lib, "network_available", lambda *a, **k: True)
+    out = tmp_path / "tfds.json"
+    with tfds.testing.mock_data(num_examples=40):
+        code, _, err = _main(["--run", run_dir, "--dataset", "cifar10", "--json", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["dataset"] == "cifar10"
+    assert result["train_images"] == 40 and result["test_images"] == 40
+    assert 0.0 <= result["knn"]["top1"] <= 1.0 and 0.0 <= result["linear_probe"]["top1"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "one of the arguments --run --saved-model is required"),
+        (["--run", "RUN", "--saved-model", "RUN"], "not allowed with argument"),
+        (["--run", "NOWHERE"], "--run 'NOWHERE' is not a directory"),
+        (["--saved-model", "EMPTY"], "holds no saved_model.pb"),
+        (["--run", "EMPTY"], "config.json does not exist"),
+        (["--run", "RUN", "--train-limit", "-3"], "expected a number >= 0"),
+        (["--run", "RUN", "--json", "NOWHERE/out.json"], "does not exist"),
+        (["--run", "RUN", "--dataset", "folder:UNLABELLED"], "no labelled test split"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(exported, tmp_path, capsys, args, message):
+    run_dir, _ = exported
+    (tmp_path / "EMPTY").mkdir()
+    _folder(tmp_path / "UNLABELLED", labelled_test=False)
+    tokens = {"RUN": run_dir, "EMPTY": str(tmp_path / "EMPTY"), "NOWHERE": str(tmp_path / "nowhere"),
+              "UNLABELLED": str(tmp_path / "UNLABELLED")}
+    for token, value in tokens.items():
+        args = [a.replace(token, value) for a in args]
+        message = message.replace(token, value)
+    os.chdir(tmp_path)  # where ./evaluation.json would go
+    try:
+        code = evaluate.main(args)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert len(lines) == 1 and lines[0].startswith("evaluate.py: error:"), err
+    assert message in lines[0]
+    assert not (tmp_path / "evaluation.json").exists()

@@ -1,0 +1,205 @@
+"""Representation metrics on constructed inputs whose answers are known."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simsiam_tf import losses
+from simsiam_tf.diagnostics import metrics
+
+
+def _sphere(rng, *shape):
+    """Points uniform on the unit sphere (normalised isotropic Gaussians)."""
+    return metrics.l2_normalize(rng.normal(size=shape))
+
+
+def _shards(rng, n=32, v=8, d=64, noise=0.0):
+    """n images at random directions; each view is its image's direction plus noise."""
+    centres = _sphere(rng, n, 1, d)
+    return centres + noise * rng.normal(size=(n, v, d))
+
+
+# -- collapse: z_std ------------------------------------------------------------------
+
+
+def test_z_std_is_zero_for_collapsed_and_one_over_sqrt_d_for_isotropic():
+    rng = np.random.default_rng(0)
+    d = 512
+    collapsed = np.tile(rng.normal(size=(1, d)), (300, 1)) * rng.uniform(0.5, 2.0, size=(300, 1))
+    assert metrics.z_std(collapsed) == pytest.approx(0.0, abs=1e-9)
+    isotropic = rng.normal(size=(4000, d))
+    # The std of one coordinate of a uniform point on the sphere is exactly 1/sqrt(d).
+    assert metrics.z_std(isotropic) == pytest.approx(1 / np.sqrt(d), rel=0.02)
+
+
+def test_z_std_equals_the_tensorflow_definition_used_in_training():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(100, 32)) * rng.uniform(0.1, 10, size=(100, 1)) + rng.normal(size=(1, 32))
+    z[3] = 0.0  # a zero row: both implementations keep it at zero
+    expected = float(losses.z_std(tf.constant(z, tf.float32)))
+    assert metrics.z_std(z) == pytest.approx(expected, rel=1e-5)
+    # [N, V, D] input counts every view as a sample.
+    assert metrics.z_std(z.reshape(25, 4, 32)) == pytest.approx(expected, rel=1e-5)
+
+
+# -- dimensionality: effective rank -----------------------------------------------------
+
+
+def test_effective_rank_known_values():
+    rng = np.random.default_rng(2)
+    row = rng.normal(size=(1, 40))
+    assert metrics.effective_rank(np.tile(row, (50, 1)) * rng.normal(size=(50, 1))) == pytest.approx(1.0, abs=1e-6)
+    # Equal singular values: the rank itself.
+    assert metrics.effective_rank(np.eye(7)) == pytest.approx(7.0)
+    assert metrics.effective_rank(np.diag([3.0, 3.0, 3.0, 0.0])) == pytest.approx(3.0)
+    # Singular values (1, 1, 2): q = (1/4, 1/4, 1/2), entropy 1.5 log 2.
+    assert metrics.effective_rank(np.diag([1.0, 1.0, 2.0])) == pytest.approx(2 ** 1.5)
+    assert metrics.effective_rank(np.zeros((5, 3))) == 0.0
+
+
+def test_effective_rank_of_isotropic_embeddings_is_high():
+    rng = np.random.default_rng(3)
+    n, d = 256, 64
+    erank = metrics.effective_rank(rng.normal(size=(n, d)))
+    assert 0.9 * d < erank <= d
+
+
+def test_mean_representations_average_normalised_views():
+    z = np.array([[[2.0, 0.0], [0.0, 5.0]], [[3.0, 0.0], [1.0, 0.0]]])
+    np.testing.assert_allclose(metrics.mean_representations(z), [[0.5, 0.5], [1.0, 0.0]])
+
+
+# -- shards ------------------------------------------------------------------------------
+
+
+def test_shard_ratio_is_zero_for_separated_shards_and_one_minus_one_over_v_for_noise():
+    rng = np.random.default_rng(4)
+    assert metrics.shard_ratio(_shards(rng, noise=0.0)) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.shard_ratio(_shards(rng, noise=0.01)) < 0.01
+    v = 8
+    assert metrics.shard_ratio(rng.normal(size=(400, v, 64))) == pytest.approx(1 - 1 / v, abs=0.01)
+    assert np.isnan(metrics.shard_ratio(np.ones((10, 4, 8))))
+
+
+def test_shard_ratio_law_of_total_variance():
+    # Two images, two views each, in 1-D after normalisation (2-D vectors on the axes):
+    # image A at +e1 twice, image B at +e2 and -e2. Within: B's views are 1 from their
+    # mean (0), A's are 0: mean 0.5. Total: mean 0.75 (worked by hand below).
+    z = np.array([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, -1.0]]])
+    # mu = (0.5, 0); squared distances: 0.25, 0.25, 1.25, 1.25 -> total 0.75.
+    assert metrics.shard_ratio(z) == pytest.approx(0.5 / 0.75)
+
+
+# -- alignment and uniformity ----------------------------------------------------------
+
+
+def test_alignment_and_uniformity_reference_values():
+    rng = np.random.default_rng(5)
+    collapsed = np.ones((20, 4, 16))
+    assert metrics.alignment(collapsed) == pytest.approx(0.0)
+    assert metrics.uniformity(collapsed) == pytest.approx(0.0, abs=1e-6)
+    isotropic = rng.normal(size=(200, 4, 512))
+    # Independent points on a high-dimensional sphere are sqrt(2) apart.
+    assert metrics.alignment(isotropic) == pytest.approx(2.0, abs=0.02)
+    assert metrics.uniformity(isotropic) == pytest.approx(-4.0, abs=0.05)
+    # Perfectly aligned shards: alignment 0, uniformity still that of the centres.
+    assert metrics.alignment(_shards(rng, n=50, d=512)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_alignment_and_uniformity_match_wang_and_isola_formulas():
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(10, 2, 5))
+    zn = z / np.linalg.norm(z, axis=-1, keepdims=True)
+    assert metrics.alignment(z) == pytest.approx(np.mean(np.sum((zn[:, 0] - zn[:, 1]) ** 2, -1)))
+    flat = zn.reshape(20, 5)
+    image = np.repeat(np.arange(10), 2)
+    pairs = [(i, j) for i in range(20) for j in range(20) if image[i] != image[j]]
+    expected = np.log(np.mean([np.exp(-2 * np.sum((flat[i] - flat[j]) ** 2)) for i, j in pairs]))
+    assert metrics.uniformity(z) == pytest.approx(expected, rel=1e-5)
+
+
+# -- predictor optimality ------------------------------------------------------------
+
+
+def test_separated_shards_give_an_optimal_predictor_cosine_near_one():
+    rng = np.random.default_rng(7)
+    centres = _sphere(rng, 64, 1, 128)
+    z = centres + 0.02 * rng.normal(size=(64, 8, 128))
+    # h(z) = the centre of z's shard: the optimal predictor when shards do not overlap.
+    p = np.repeat(centres, 8, axis=1)
+    result = metrics.predictor_optimality(z, p)
+    assert result["cosine"] > 0.99
+    # The identity predictor scores about the cosine of a noisy view with its centre.
+    assert result["identity_cosine"] == pytest.approx(metrics.mean_cosine(z, p), abs=0.01)
+    assert result["identity_cosine"] < result["cosine"] - 0.01
+
+
+def test_optimal_predictor_estimate_on_a_shared_view_construction():
+    # Each image x has 4 views at a private direction a_x and 4 at a direction b shared
+    # by every image (orthonormal). The estimate is leave-one-out: a view's own image is
+    # represented by its 7 other views. Worked by hand:
+    # - z = a_x: only x has other views at a_x, so p(x|z) = 1 and
+    #   h* = f̄ of x's other views = (3 a_x + 4 b) / 7.
+    # - z = b: the kernel density is 3/7 for x (3 of its 7 other views at b) and 4/8
+    #   for every other image; h* mixes x's (4 a_x + 3 b) / 7 and the others' (a + b) / 2.
+    n, d = 16, 32
+    basis = np.eye(d)
+    a, b = basis[:n], basis[n]
+    z = np.concatenate([np.repeat(a[:, None], 4, axis=1), np.tile(b, (n, 4, 1))], axis=1)
+    estimate = metrics.optimal_predictor(z, bandwidth=0.05)
+    np.testing.assert_allclose(estimate[:, 0], (3 * a + 4 * b) / 7, atol=1e-6)
+    w_own, w_other = 3 / 7, 1 / 2
+    total = w_own + (n - 1) * w_other
+    for x in (0, 5):
+        others = [(a[y] + b) / 2 for y in range(n) if y != x]
+        expected = (w_own * (4 * a[x] + 3 * b) / 7 + w_other * np.sum(others, axis=0)) / total
+        np.testing.assert_allclose(estimate[x, -1], expected, atol=1e-6)
+
+    def cos(u, v):
+        return u @ v / np.linalg.norm(u) / np.linalg.norm(v)
+
+    # The identity predictor: half the views score cos(a, 3a + 4b) = 3/5.
+    h_b = estimate[0, -1]
+    identity = (3 / 5 + cos(b, h_b)) / 2
+    result = metrics.predictor_optimality(z, z, bandwidth=0.05)
+    assert result["identity_cosine"] == pytest.approx(identity, abs=1e-5)
+    assert result["cosine"] == pytest.approx(identity, abs=1e-5)  # p = z is the identity
+    assert result["bandwidth"] == 0.05
+    # A predictor that outputs h* scores 1; one that outputs -h* scores -1.
+    assert metrics.predictor_optimality(z, estimate, bandwidth=0.05)["cosine"] == pytest.approx(1.0)
+    assert metrics.predictor_optimality(z, -estimate, bandwidth=0.05)["cosine"] == pytest.approx(-1.0)
+
+
+def test_a_view_never_votes_for_its_own_image():
+    # Two images whose views are all distinct and far apart, except that one view of
+    # image 0 sits exactly on a view of image 1. Without leave-one-out, that view would
+    # find itself; with it, the posterior for it is split between the two images.
+    z = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+    estimate = metrics.optimal_predictor(z, bandwidth=0.01)
+    # View (0, 1) = e2: its only exact neighbour is view (1, 0), so p(image 1) = 1 and
+    # h* = f̄(1) = (e2 + e3) / 2.
+    np.testing.assert_allclose(estimate[0, 1], [0.0, 0.5, 0.5], atol=1e-6)
+    # View (0, 0) = e1 has no close neighbour: uniform posterior over the two images,
+    # with its own image's f̄ taken from its other view only (e2).
+    np.testing.assert_allclose(estimate[0, 0], 0.5 * np.array([0, 1, 0]) + 0.5 * np.array([0, 0.5, 0.5]), atol=1e-6)
+
+
+def test_bandwidth_selection_prefers_the_scale_of_the_shards():
+    rng = np.random.default_rng(8)
+    tight = _shards(rng, n=64, v=8, d=64, noise=0.01)
+    loose = rng.normal(size=(64, 8, 64))
+    assert metrics.select_bandwidth(tight) == min(metrics.BANDWIDTH_GRID)
+    assert metrics.select_bandwidth(loose) > metrics.select_bandwidth(tight)
+
+
+def test_all_metrics_keys_and_collapse():
+    rng = np.random.default_rng(9)
+    d = 64
+    collapsed = np.tile(rng.normal(size=d), (32, 4, 1))
+    result = metrics.all_metrics(collapsed, collapsed)
+    assert result["z_std"] == pytest.approx(0.0, abs=1e-9)
+    assert result["effective_rank"] == pytest.approx(1.0, abs=1e-6)
+    assert result["z_std_reference"] == pytest.approx(1 / np.sqrt(d))
+    assert len(result["singular_values"]) == min(32, d)
+    healthy = metrics.all_metrics(rng.normal(size=(32, 4, d)), rng.normal(size=(32, 4, d)))
+    assert healthy["effective_rank"] > 20 and healthy["z_std"] > 0.8 / np.sqrt(d)
