@@ -219,27 +219,49 @@ def adjust_hue(images, delta):
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def color_jitter(images, factors, order):
+def _jitter_stage(images, factors, op):
+    """One stage of `color_jitter`: every op on the whole batch, each image keeps its own."""
+    outs = [fn(images, factors[:, k]) for k, fn in enumerate(_JITTER_OPS)]
+    op = _per_image(op)
+    return tf.where(op == 0, outs[0], tf.where(op == 1, outs[1], tf.where(op == 2, outs[2], outs[3])))
+
+
+# One XLA cluster per stage: XLA fuses a stage's element-wise ops into one pass over
+# memory, 5-10x faster on CPU than TensorFlow's separate kernels (hue above all). The
+# stages are separate calls because fusing all four duplicates work exponentially.
+_jitter_stage_xla = tf.function(_jitter_stage, jit_compile=True)
+
+
+def _mix(x, jittered, jitter, gray):
+    """The jittered image where `jitter`, then grayscale where `gray` (bool [B])."""
+    x = tf.where(_per_image(jitter), jittered, x)
+    return tf.where(_per_image(gray), tf.tile(grayscale(x), [1, 1, 1, 3]), x)
+
+
+# Each of these is one fused pass over the batch instead of three to five.
+_scale_xla = tf.function(lambda x: x / 255.0, jit_compile=True)
+_mix_xla = tf.function(_mix, jit_compile=True)
+_mix_normalize_xla = tf.function(lambda x, j, jm, gm: normalize(_mix(x, j, jm, gm)), jit_compile=True)
+_blur_xla = tf.function(lambda x, sigma, radius: gaussian_blur(x, sigma, radius), jit_compile=True)
+_select_normalize_xla = tf.function(lambda x, b, bm: normalize(tf.where(_per_image(bm), b, x)), jit_compile=True)
+
+
+def color_jitter(images, factors, order, xla=True):
     """torchvision ColorJitter with per-image factors and a per-image order.
 
     Args:
         images: float32 [B, H, W, 3] in [0, 1].
         factors: float32 [B, 4]: brightness, contrast, saturation factors and hue delta.
         order: int32 [B, 4]: a permutation of (0, 1, 2, 3) per image, indexing the ops.
+        xla: compile each stage with XLA (same result to float32 round-off).
 
-    Each of the four stages splits the batch by the op each image applies at that stage
-    (`dynamic_partition`), runs each op once on its part and stitches the batch back,
-    so every image pays for four ops, whatever the orders.
+    At each of the four stages every op runs on the whole batch and each image keeps
+    the result of its own op: four times the arithmetic of running each op only on its
+    images, but with static shapes, which XLA needs.
     """
-    batch = tf.shape(images)[0]
-    positions = tf.range(batch)
-    for stage in range(4):
-        op_ids = order[:, stage]
-        parts = tf.dynamic_partition(images, op_ids, 4)
-        idx = tf.dynamic_partition(positions, op_ids, 4)
-        facs = tf.dynamic_partition(factors, op_ids, 4)
-        outs = [op(part, fac[:, k]) for k, (op, part, fac) in enumerate(zip(_JITTER_OPS, parts, facs))]
-        images = tf.dynamic_stitch(idx, outs)
+    stage = _jitter_stage_xla if xla else _jitter_stage
+    for k in range(4):
+        images = stage(images, factors, order[:, k])
     return images
 
 
@@ -250,22 +272,19 @@ def gaussian_blur(images, sigma, radius):
         images: float32 [B, H, W, C].
         sigma: float32 [B], in pixels.
         radius: int, the kernel half-width (kernel size 2 * radius + 1).
+
+    Each pass is a sum of 2 * radius + 1 shifted copies weighted per image; compiled
+    with XLA (`_blur_xla`) this is one fused loop per direction, 1.7x faster on CPU than
+    a depthwise convolution over the batch folded into channels.
     """
-    shape = tf.shape(images)
-    b, h, w, c = shape[0], shape[1], shape[2], shape[3]
-    x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    kernel = tf.exp(-0.5 * tf.square(x[None, :] / sigma[:, None]))
+    taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(taps[None, :] / sigma[:, None]))
     kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)  # [B, K]
-    # Fold the batch into channels so one depthwise conv applies per-image kernels.
-    folded = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, h, w, b * c])
-    k = tf.repeat(kernel, c, axis=0)  # [B*C, K], matching the folded channel order
-    pad = [[0, 0], [radius, radius], [radius, radius], [0, 0]]
-    folded = tf.pad(folded, pad, mode="REFLECT")
-    kh = tf.reshape(tf.transpose(k), [2 * radius + 1, 1, -1, 1])
-    kw = tf.reshape(tf.transpose(k), [1, 2 * radius + 1, -1, 1])
-    folded = tf.nn.depthwise_conv2d(folded, kh, [1, 1, 1, 1], "VALID")
-    folded = tf.nn.depthwise_conv2d(folded, kw, [1, 1, 1, 1], "VALID")
-    return tf.transpose(tf.reshape(folded, [h, w, b, c]), [2, 0, 1, 3])
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    padded = tf.pad(images, [[0, 0], [radius, radius], [0, 0], [0, 0]], mode="REFLECT")
+    rows = sum(_per_image(kernel[:, i]) * padded[:, i : i + height] for i in range(2 * radius + 1))
+    padded = tf.pad(rows, [[0, 0], [0, 0], [radius, radius], [0, 0]], mode="REFLECT")
+    return sum(_per_image(kernel[:, i]) * padded[:, :, i : i + width] for i in range(2 * radius + 1))
 
 
 # ---------------------------------------------------------------------------
@@ -343,14 +362,13 @@ class SimSiamAugment(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
 
     def augment_images(self, images, transformations, **kwargs):
         t = transformations
-        x = crop_resize_flip(images, t["boxes"], t["flip"], self.spec.image_size) / 255.0
+        x = _scale_xla(crop_resize_flip(images, t["boxes"], t["flip"], self.spec.image_size))
         jittered = color_jitter(x, t["jitter_factors"], t["jitter_order"])
-        x = tf.where(_per_image(t["jitter"]), jittered, x)
-        x = tf.where(_per_image(t["grayscale"]), tf.tile(grayscale(x), [1, 1, 1, 3]), x)
         if self.spec.blur_prob > 0:
-            blurred = gaussian_blur(x, t["blur_sigma"], self._blur_radius)
-            x = tf.where(_per_image(t["blur"]), blurred, x)
-        return normalize(x)
+            x = _mix_xla(x, jittered, t["jitter"], t["grayscale"])
+            blurred = _blur_xla(x, t["blur_sigma"], self._blur_radius)
+            return _select_normalize_xla(x, blurred, t["blur"])
+        return _mix_normalize_xla(x, jittered, t["jitter"], t["grayscale"])
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.spec.image_size, self.spec.image_size, 3)

@@ -156,3 +156,19 @@ def test_pair_dataset_rejects_a_batch_larger_than_the_data():
     layer = aug.SimSiamAugment(aug.AugmentSpec(image_size=16))
     with pytest.raises(UsageError, match="larger than the 10 training images"):
         data_lib.pair_dataset(np.zeros((10, 16, 16, 3), np.uint8), 16, layer, seed=0, epochs=1)
+
+
+def test_worker_shards_reproduce_the_global_batch_exactly():
+    """Each of n workers builds only its slice, with the views one process would make."""
+    images = np.random.default_rng(3).integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+    layer = aug.SimSiamAugment(aug.AugmentSpec(image_size=16))
+    full = [tuple(v.numpy() for v in b) for b in data_lib.pair_dataset(images, 12, layer, seed=4, epochs=2)]
+    shards = [
+        [tuple(v.numpy() for v in b) for b in data_lib.pair_dataset(images, 12, layer, seed=4, epochs=2, shard=(i, 3))]
+        for i in range(3)
+    ]
+    assert len(full) == 8 and all(len(s) == 8 for s in shards)
+    for step, whole in enumerate(full):
+        for view in range(2):
+            assert all(s[step][view].shape[0] == 4 for s in shards)
+            np.testing.assert_allclose(np.concatenate([s[step][view] for s in shards]), whole[view], atol=1e-6)

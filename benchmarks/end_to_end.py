@@ -1,0 +1,119 @@
+"""train.py's training loop on CIFAR-10: input wait, throughput and memory across epochs.
+
+    python benchmarks/end_to_end.py                       # 3 epochs of 10 steps, batch 256
+    python benchmarks/end_to_end.py --quick               # 2 epochs of 4 steps, batch 128
+    python benchmarks/end_to_end.py --precision bfloat16
+
+Runs `simsiam_tf.training.run` (what train.py runs) on a fixed subset of
+../shared/datasets/cifar10, kNN and diagnostics off, and records the time of every
+step and the process RSS at every epoch end. Then, in the same process, the same model
+trains the same number of steps on one constant batch already in memory: no input
+pipeline at all. The input wait is the fraction of the real step time that the
+constant-batch steps do not need: 1 - t_constant / t_real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import CIFAR, report  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from simsiam_tf import training  # noqa: E402
+from simsiam_tf.config import make_config  # noqa: E402
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MiB."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, amount = line.split()[:2]
+                values[key] = int(amount) / 1024
+    return values["VmRSS:"], values["VmHWM:"]
+
+
+class StepClock(keras.callbacks.Callback):
+    """Wall time of each training step (batch begin to batch end) and RSS per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.rss = [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps.append(time.perf_counter() - self._t)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rss.append(_rss_mb())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--precision", default="float32")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="steps per epoch")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--width", type=int, default=64)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.epochs, args.steps, args.batch = 2, 4, 128
+    if not os.path.isdir(CIFAR):
+        print(f"end_to_end.py: error: CIFAR-10 folder not found at {CIFAR}", file=sys.stderr)
+        return 2
+    config = make_config(
+        "cifar", dataset=f"folder:{CIFAR}", precision=args.precision, epochs=args.epochs, batch_size=args.batch,
+        width=args.width, train_limit=args.steps * args.batch, knn_every=0, diag_every=0, projector_images=0,
+    )
+    clock = StepClock()
+    rss_start = _rss_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        training.run(config, os.path.join(tmp, "run"), verbose=0, extra_callbacks=[clock])
+        wall = time.perf_counter() - started
+    # Steady state: leave out the first epoch (tracing, pipeline warm-up).
+    real = float(np.median(clock.steps[args.steps:])) if args.epochs > 1 else float(np.median(clock.steps[1:]))
+
+    from simsiam_tf.model import build_simsiam
+    from simsiam_tf.optim import make_optimizer
+
+    model = build_simsiam(config)
+    model.compile(optimizer=make_optimizer(model, config, args.steps), jit_compile=False)
+    x = tf.random.normal([args.batch, 32, 32, 3])
+    constant = StepClock()
+    model.fit(tf.data.Dataset.from_tensors((x, x)).repeat(), steps_per_epoch=args.steps, epochs=2,
+              verbose=0, callbacks=[constant], shuffle=False)
+    ideal = float(np.median(constant.steps[args.steps:]))
+
+    rows = [
+        {"measure": "step time, real pipeline (median, s)", "value": real},
+        {"measure": "step time, constant batch (median, s)", "value": ideal},
+        {"measure": "input wait (1 - constant/real)", "value": max(0.0, 1 - ideal / real)},
+        {"measure": "pairs/s, real pipeline", "value": args.batch / real},
+        {"measure": "RSS before training (MiB)", "value": rss_start[0]},
+        *({"measure": f"RSS after epoch {i + 1} (MiB)", "value": r[0]} for i, r in enumerate(clock.rss)),
+        {"measure": "peak RSS (MiB)", "value": clock.rss[-1][1]},
+    ]
+    report(
+        "end_to_end", rows, [("measure", "measure"), ("value", "value")],
+        {"precision": args.precision, "batch": args.batch, "steps_per_epoch": args.steps, "epochs": args.epochs,
+         "width": args.width, "wall_s": round(wall, 1),
+         "rss_growth_mb_after_first_epoch": round(clock.rss[-1][0] - clock.rss[0][0], 1)},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

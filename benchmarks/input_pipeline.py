@@ -1,0 +1,141 @@
+"""Augmented view pairs per second, per CPU core, for the SimSiam input pipeline.
+
+    python benchmarks/input_pipeline.py            # 32, 96 and 224 px
+    python benchmarks/input_pipeline.py --quick    # fewer batches
+
+Three pipelines, all producing two augmented views per image, batch 256:
+- cached: the training pipeline (`data.pair_dataset`): uint8 images in memory, gathered
+  by index, augmented on the batch by the vectorised keras-cv layer;
+- jpeg: the same augmentation, but every image is decoded from JPEG bytes and resized
+  each time (what a dataset too large for memory costs);
+- naive keras-cv: `RandomCropAndResize` + `RandomFlip` + `RandomApply(RandomColorJitter)`
+  + `RandomApply(Grayscale)` on the cached images; the first and the RandomApply
+  layers run one image at a time.
+At 32 px the images are CIFAR-10 from ../shared/datasets/cifar10; at 96 and 224 px the
+same images upscaled (and, for the jpeg rows, re-encoded as JPEG at quality 90).
+Per-core figures divide by the machine's cores, which tf.data uses in parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import CIFAR, report  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from simsiam_tf import augment as aug  # noqa: E402
+from simsiam_tf import data as data_lib  # noqa: E402
+
+BATCH = 256
+
+
+def _rate(ds: tf.data.Dataset, batches: int, warmup: int = 3) -> float:
+    """Pairs per second over `batches` batches, after `warmup` batches."""
+    it = iter(ds)
+    for _ in range(warmup):
+        next(it)
+    started = time.perf_counter()
+    for _ in range(batches):
+        x1, _ = next(it)
+    x1.numpy()
+    return batches * BATCH / (time.perf_counter() - started)
+
+
+def cached(images, size, epochs=10_000):
+    layer = aug.SimSiamAugment(aug.AugmentSpec.for_image_size(size))
+    return data_lib.pair_dataset(images, BATCH, layer, seed=0, epochs=epochs)
+
+
+def from_jpeg(jpegs, size):
+    layer = aug.SimSiamAugment(aug.AugmentSpec.for_image_size(size))
+
+    def decode(raw):
+        image = tf.io.decode_jpeg(raw, channels=3)
+        return aug.resize_uint8(image[None], size)[0]
+
+    return (
+        tf.data.Dataset.from_tensor_slices(jpegs).repeat()
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(BATCH, drop_remainder=True)
+        .enumerate()
+        .map(lambda step, x: aug.two_views(layer, x, tf.stack([tf.constant(0, tf.int64), step])),
+             num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def naive(images, size):
+    layer = aug.naive_keras_cv_augment(aug.AugmentSpec.for_image_size(size))
+    stored = tf.constant(images)
+    n = len(images)
+
+    def views(index):
+        x = tf.cast(tf.gather(stored, index), tf.float32)
+        return layer(x), layer(x)
+
+    return (
+        tf.data.Dataset.range(10**9).map(lambda i: i % n).batch(BATCH)
+        .map(views, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def load_cifar(count: int) -> tuple[np.ndarray, list[bytes]]:
+    """`count` CIFAR-10 training images (uint8) and their JPEG files' bytes."""
+    files = data_lib._image_files(os.path.join(CIFAR, "train"))
+    files = [files[i] for i in data_lib.subset(len(files), count)]
+    raw = [open(f, "rb").read() for f in files]
+    images = np.stack([tf.io.decode_jpeg(r, channels=3).numpy() for r in raw])
+    return images, raw
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer batches, 32 and 96 px only")
+    p.add_argument("--sizes", default=None, help="comma-separated sizes (default 32,96,224)")
+    args = p.parse_args(argv)
+    if not os.path.isdir(CIFAR):
+        print(f"input_pipeline.py: error: CIFAR-10 folder not found at {CIFAR}", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in (args.sizes or ("32,96" if args.quick else "32,96,224")).split(",")]
+    batches = {32: 40, 96: 12, 224: 4} if not args.quick else {32: 10, 96: 4, 224: 2}
+    naive_batches = {32: 6, 96: 3, 224: 2} if not args.quick else {32: 2, 96: 1, 224: 1}
+    base, base_jpegs = load_cifar(2048)
+    cores = os.cpu_count()
+    rows = []
+    for size in sizes:
+        if size == 32:
+            images, jpegs = base, base_jpegs
+        else:
+            images = aug.resize_uint8(base, size).numpy()
+            jpegs = [tf.io.encode_jpeg(im, quality=90).numpy() for im in images]
+        n = batches.get(size, 4)
+        for name, ds, count in (
+            ("cached", cached(images, size), n),
+            ("jpeg", from_jpeg(jpegs, size), n),
+            ("naive keras-cv", naive(images, size), naive_batches.get(size, 1)),
+        ):
+            rate = _rate(ds, count)
+            rows.append({"size": size, "pipeline": name, "pairs_per_s": rate, "pairs_per_s_per_core": rate / cores})
+            print(f"  {size:>3} px  {name:<15} {rate:>9,.0f} pairs/s  ({rate / cores:,.0f} per core)", flush=True)
+    cached32 = next((r for r in rows if r["size"] == 32 and r["pipeline"] == "cached"), None)
+    naive32 = next((r for r in rows if r["size"] == 32 and r["pipeline"] == "naive keras-cv"), None)
+    extra = {"batch": BATCH}
+    if cached32 and naive32:
+        extra["cached_over_naive_32px"] = round(cached32["pairs_per_s"] / naive32["pairs_per_s"], 2)
+    report(
+        "input_pipeline", rows,
+        [("size", "px"), ("pipeline", "pipeline"), ("pairs_per_s", "pairs/s"), ("pairs_per_s_per_core", "pairs/s/core")],
+        extra,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
