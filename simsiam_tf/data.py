@@ -258,29 +258,12 @@ def _decode(raw: tf.Tensor, image_size: int) -> tf.Tensor:
     return image
 
 
-def _decode_with_pillow(path: str, image_size: int) -> np.ndarray | None:
-    """Second chance for files TensorFlow cannot decode (CMYK JPEG, unusual PNG modes).
-
-    Returns uint8 [S, S, 3], or None when Pillow cannot read the file either.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                return None
-            image.draft("RGB", (image_size, image_size))  # JPEG: decode at reduced scale
-            rgb = np.asarray(image.convert("RGB"))
-    except Exception:  # Pillow raises many types for broken files; all mean "skip it"
-        return None
-    return aug.resize_uint8(rgb[None], image_size)[0].numpy()
-
-
 def decode_files(files: list[str], labels: list[int] | None, image_size: int):
     """Decode and resize image files in parallel with tf.data.
 
-    Files TensorFlow cannot decode get a second try with Pillow; files neither can read
-    (empty, truncated, not images, unreadable, too large) are left out and returned.
+    Files that cannot be decoded (empty, truncated, not images, unreadable, too large)
+    are left out and returned. Grayscale, RGBA, 16-bit PNG and CMYK JPEG all decode to
+    RGB uint8 (tests/test_reliability.py builds such a folder).
 
     Returns:
         (uint8 [N, S, S, 3], int32 [N] or None, list of the files that failed).
@@ -303,21 +286,11 @@ def decode_files(files: list[str], labels: list[int] | None, image_size: int):
     for images, i in ds:
         chunks.append(images.numpy())
         kept.append(i.numpy())
-    failed = sorted(set(range(len(files))) - set(np.concatenate(kept).tolist() if kept else []))
-    rescued = []
-    for i in failed:
-        image = _decode_with_pillow(files[i], image_size)
-        if image is not None:
-            chunks.append(image[None])
-            kept.append(np.array([i]))
-            rescued.append(i)
     kept_idx = np.concatenate(kept) if kept else np.zeros([0], np.int64)
     images = np.concatenate(chunks) if chunks else np.zeros([0, image_size, image_size, 3], np.uint8)
-    order = np.argsort(kept_idx, kind="stable")  # back to file order
-    images, kept_idx = images[order], kept_idx[order]
+    failed = sorted(set(range(len(files))) - set(kept_idx.tolist()))
     out_labels = None if labels is None else np.asarray(labels, np.int32)[kept_idx]
-    skipped = [files[i] for i in failed if i not in set(rescued)]
-    return images, out_labels, skipped
+    return images, out_labels, [files[i] for i in failed]
 
 
 def _check_memory(count: int, image_size: int, fraction: float, what: str) -> None:

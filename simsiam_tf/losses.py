@@ -52,13 +52,20 @@ def z_std(z: tf.Tensor) -> tf.Tensor:
 def global_z_std(z: tf.Tensor) -> tf.Tensor:
     """`z_std` over the global batch, inside a replica context of any strategy.
 
-    Per-channel sums of z and z^2 are all-reduced (2 x D numbers), so the value equals
+    Per-channel sums of z and z^2 are all-reduced (2 x D + 1 numbers), so the value equals
     `z_std` of the whole global batch, not an average of smaller per-replica estimates.
     """
     z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=1)
-    ctx = tf.distribute.get_replica_context()
-    count = ctx.all_reduce("sum", tf.cast(tf.shape(z)[0], tf.float32))
-    mean = ctx.all_reduce("sum", tf.reduce_sum(z, axis=0)) / count
-    mean_sq = ctx.all_reduce("sum", tf.reduce_sum(tf.square(z), axis=0)) / count
+    # One packed all-reduce [count, sum z, sum z^2]: a single collective per call, so
+    # replicas running eagerly in separate threads cannot pair up different reductions.
+    packed = tf.concat(
+        [tf.cast(tf.shape(z)[:1], tf.float32), tf.reduce_sum(z, axis=0), tf.reduce_sum(tf.square(z), axis=0)],
+        axis=0,
+    )
+    total = tf.distribute.get_replica_context().all_reduce("sum", packed)
+    dim = tf.shape(z)[1]
+    count = total[0]
+    mean = total[1 : 1 + dim] / count
+    mean_sq = total[1 + dim :] / count
     return tf.reduce_mean(tf.sqrt(tf.maximum(mean_sq - tf.square(mean), 0.0)))
 

@@ -19,6 +19,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR = os.path.join(os.path.dirname(REPO), "shared", "datasets", "cifar10")
 
 
+@pytest.fixture(scope="session")
+def mirrored():
+    """One MirroredStrategy over the two logical CPUs, shared by every in-process test.
+
+    Each new MirroredStrategy numbers its collectives from the same keys (group 1,
+    instance 100, ...), and TensorFlow caches a collective's shape by key for the life
+    of the process, so a second strategy on the same devices can clash with the first
+    ("Shape mismatch in the collective instance 100"). A program makes one strategy;
+    so does the test session.
+    """
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(split_cpu(2))
+    assert strategy.num_replicas_in_sync == 2
+    return strategy
+
+
 @pytest.fixture
 def cifar_dir():
     if not os.path.isdir(os.path.join(CIFAR, "train")):

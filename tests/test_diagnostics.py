@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -116,6 +117,24 @@ def test_tensorboard_has_the_diagnostics_scalars(run_dir):
         assert [e.step for e in events] == [r["step"] for r in records], key
         logged = [float(tf.make_ndarray(e.tensor_proto)) for e in events]
         assert logged == pytest.approx([r[key] for r in records], rel=1e-4), key
+
+
+def test_tensorboard_custom_scalars_overlay_z_std_and_its_reference(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    (event,) = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(tf.make_ndarray(event.tensor_proto).item())
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    tags = set(acc.Tags()["tensors"])
+    # Every pattern of every chart matches a tag the run logged.
+    for title, patterns in charts.items():
+        for pattern in patterns:
+            assert any(re.search(pattern, tag) for tag in tags), (title, pattern)
+    shown = {tag for tag in tags for pattern in charts["z_std against 1/sqrt(d)"] if re.search(pattern, tag)}
+    assert shown == {"diagnostics/z_std", "diagnostics/z_std_reference", "epoch/z_std"}
 
 
 def test_resume_drops_records_after_the_checkpoint(tmp_path):

@@ -22,15 +22,13 @@ def _step(strategy, config, weights, batch, steps=1):
 
 
 @pytest.mark.parametrize("steps", [1, 2])
-def test_mirrored_step_equals_single_device(steps):
+def test_mirrored_step_equals_single_device(steps, mirrored):
     config = make_config("digits", width=8, proj_dim=64, pred_dim=16, batch_size=16, weight_decay=5e-4)
     keras.utils.set_random_seed(0)
     init = build_simsiam(config).get_weights()
     rng = np.random.default_rng(0)
     batch = tuple(tf.constant(rng.normal(size=(16, 32, 32, 3)), tf.float32) for _ in range(2))
 
-    mirrored = tf.distribute.MirroredStrategy(distribute.split_cpu(2))
-    assert mirrored.num_replicas_in_sync == 2
     loss_1, w_1 = _step(tf.distribute.get_strategy(), config, init, batch, steps)
     loss_2, w_2 = _step(mirrored, config, init, batch, steps)
 

@@ -70,13 +70,11 @@ def test_z_std_collapsed_and_isotropic():
     assert losses.z_std(iso).numpy() == pytest.approx(1 / np.sqrt(d), rel=0.03)
 
 
-def test_global_z_std_equals_z_std_on_one_device_and_across_replicas():
-    from simsiam_tf.distribute import split_cpu
-
+def test_global_z_std_equals_z_std_on_one_device_and_across_replicas(mirrored):
     z = _rand([64, 32], 50)
     assert losses.global_z_std(z).numpy() == pytest.approx(losses.z_std(z).numpy(), rel=1e-5)
-    strategy = tf.distribute.MirroredStrategy(split_cpu(2))
+    strategy = mirrored
     halves = strategy.experimental_distribute_values_from_function(lambda ctx: z[ctx.replica_id_in_sync_group * 32 :][:32])
-    per_replica = strategy.run(losses.global_z_std, args=(halves,))
+    per_replica = strategy.run(tf.function(losses.global_z_std), args=(halves,))
     for value in strategy.experimental_local_results(per_replica):
         assert value.numpy() == pytest.approx(losses.z_std(z).numpy(), rel=1e-5)

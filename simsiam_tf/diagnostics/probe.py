@@ -31,6 +31,7 @@ RECORDS_FILE = "diagnostics.jsonl"
 # Scalars logged to TensorBoard as diagnostics/<key>.
 SCALARS = (
     "z_std",
+    "z_std_reference",
     "effective_rank",
     "shard_ratio",
     "predictor_cosine",
@@ -108,6 +109,34 @@ class ProbeSet:
         result = metrics.all_metrics(z, p)
         result["seconds"] = time.time() - started
         return result
+
+
+def tensorboard_layout():
+    """A TensorBoard custom-scalars layout that overlays related curves in one chart.
+
+    z_std on the probe set, in the training batches and the 1/sqrt(d) reference;
+    the predictor's cosine to ĥ* beside the identity predictor's; alignment and
+    uniformity. Shown under TensorBoard's "Custom Scalars" tab.
+    """
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.custom_scalar import summary as custom_scalar
+
+    def chart(title, *tags):
+        return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=list(tags)))
+
+    category = layout_pb2.Category(
+        title="SimSiam representation",
+        chart=[
+            chart("z_std against 1/sqrt(d)", r"^diagnostics/z_std$", r"^diagnostics/z_std_reference$", r"^epoch/z_std$"),
+            chart("effective rank of f̄", r"^diagnostics/effective_rank$"),
+            chart(
+                "shard ratio and predictor optimality",
+                r"^diagnostics/shard_ratio$", r"^diagnostics/predictor_cosine$", r"^diagnostics/predictor_identity_cosine$",
+            ),
+            chart("alignment and uniformity", r"^diagnostics/alignment$", r"^diagnostics/uniformity$"),
+        ],
+    )
+    return custom_scalar.pb(layout_pb2.Layout(category=[category]))
 
 
 def probe_images(images: np.ndarray, num_images: int) -> np.ndarray:
@@ -188,6 +217,8 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         if not self.is_chief:
             return
         self.writer = tf.summary.create_file_writer(os.path.join(self.logdir, "tb"))
+        with self.writer.as_default():
+            tf.summary.experimental.write_raw_pb(tensorboard_layout().SerializeToString(), step=0)
         kept = [r for r in read_records(self.logdir) if r.get("epoch", 0) <= self.initial_epoch]
         if kept or os.path.exists(self.path):
             tmp = self.path + ".tmp"

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from simsiam_tf.config import UsageError  # noqa: E402
 
 FIGSIZE = (6.0, 3.6)
-DPI = 90
+DPI = 72  # small PNGs: the docs commit them
 
 
 @dataclasses.dataclass
@@ -102,6 +102,12 @@ def _save(fig, out_dir: str, name: str) -> str:
     return name
 
 
+def _legend(ax, **kwargs):
+    """A legend, when the axis has labelled lines (a run without diagnostics has none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def _colors(runs):
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return [cycle[i % len(cycle)] for i in range(len(runs))]
@@ -112,7 +118,7 @@ def plot_loss(runs: list[Run], out_dir: str) -> str:
     for run, color in zip(runs, _colors(runs)):
         ax.plot(*_series(run.history, "loss"), color=color, label=run.label)
     ax.axhline(-1, color="grey", lw=0.8, ls=":")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return _save(fig, out_dir, "loss.png")
 
 
@@ -127,7 +133,7 @@ def plot_z_std(runs: list[Run], out_dir: str) -> str:
     for d in sorted(r for r in references if r):
         ax.axhline(1 / np.sqrt(d), color="black", lw=1, ls=":", label=f"1/sqrt(d), d = {d}")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     return _save(fig, out_dir, "z_std.png")
 
 
@@ -138,7 +144,7 @@ def plot_knn(runs: list[Run], out_dir: str) -> str:
         if run.summary.get("knn_top1_init") is not None:
             epochs, values = [0, *epochs], [run.summary["knn_top1_init"], *values]
         ax.plot(epochs, values, color=color, marker="o", ms=3, label=run.label)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return _save(fig, out_dir, "knn.png")
 
 
@@ -152,7 +158,7 @@ def plot_spectrum(runs: list[Run], out_dir: str) -> str:
         s = np.asarray(last["singular_values"], float)
         if s.sum() > 0:
             ax.semilogy(np.arange(1, len(s) + 1), s / s.sum(), color=color, label=f"{run.label}, epoch {last['epoch']}")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return _save(fig, out_dir, "spectrum.png")
 
 
@@ -161,7 +167,7 @@ def plot_rank(runs: list[Run], out_dir: str) -> str:
     for run, color in zip(runs, _colors(runs)):
         ax.plot(*_series(run.diagnostics, "effective_rank"), color=color, marker=".", label=run.label)
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return _save(fig, out_dir, "effective_rank.png")
 
 
@@ -177,8 +183,8 @@ def plot_shards_and_predictor(runs: list[Run], out_dir: str) -> str:
     for v in sorted(x for x in views if x):
         left.axhline(1 - 1 / v, color="black", lw=1, ls=":", label=f"no image information (1 - 1/{v})")
     left.set_ylim(0, 1)
-    left.legend(fontsize=7)
-    right.legend(fontsize=7)
+    _legend(left, fontsize=7)
+    _legend(right, fontsize=7)
     return _save(fig, out_dir, "shards_predictor.png")
 
 
@@ -188,7 +194,7 @@ def plot_alignment_uniformity(runs: list[Run], out_dir: str) -> str:
     for run, color in zip(runs, _colors(runs)):
         left.plot(*_series(run.diagnostics, "alignment"), color=color, marker=".", label=run.label)
         right.plot(*_series(run.diagnostics, "uniformity"), color=color, marker=".", label=run.label)
-    left.legend(fontsize=8)
+    _legend(left, fontsize=8)
     return _save(fig, out_dir, "alignment_uniformity.png")
 
 

@@ -1,0 +1,71 @@
+"""Without the stop-gradient SimSiam collapses; with it, the same recipe does not.
+
+The paper's Fig. 2 ablation on the bundled digits, guarded by the probe diagnostics.
+Both runs share the config (a narrower width-8 backbone and 8 epochs, so the pair takes
+about 1.5 minutes on 2 cores) and the seed, and differ only in the stop-gradient.
+
+How this implementation collapses (docs/collapse.md): the projector ends in BatchNorm,
+which in training mode gives every channel unit variance over the batch, so a constant
+output is impossible. Instead almost every z̃ points one way and a few the opposite
+way: nearly all pairs of views are parallel, the mean representations have an
+effective rank near 1, z_std falls far below 1/sqrt(d) without reaching 0, and what
+variation is left carries no information about the image.
+"""
+
+import numpy as np
+import pytest
+
+from simsiam_tf import training
+from simsiam_tf.config import make_config
+from simsiam_tf.data import load
+from simsiam_tf.diagnostics import metrics, probe
+from simsiam_tf.export import load_run
+
+EPOCHS = 8
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for stop_gradient in (True, False):
+        config = make_config(
+            "digits", width=8, epochs=EPOCHS, stop_gradient=stop_gradient,
+            knn_every=0, diag_every=EPOCHS, projector_images=0,
+        )
+        path = str(tmp_path_factory.mktemp("collapse") / "run")
+        summary = training.run(config, path, verbose=0)
+        out[stop_gradient] = (path, summary, probe.read_records(path)[-1])
+    return out
+
+
+def _parallel_pairs(run_dir):
+    """Fraction of pairs of probe views whose z̃ have cosine above 0.95."""
+    config, model, _ = load_run(run_dir, "last")
+    images = probe.probe_images(load("digits", 32).train_images, config.diag_images)
+    z, _ = probe.ProbeSet(images, config.diag_views, 32, config.seed).embed(model)
+    zn = metrics.l2_normalize(z.reshape(-1, z.shape[-1]))
+    cos = (zn @ zn.T)[np.triu_indices(len(zn), 1)]
+    return float(np.mean(cos > 0.95))
+
+
+def test_without_stop_gradient_the_representation_collapses(runs):
+    path, summary, diag = runs[False]
+    reference = diag["z_std_reference"]  # 1/sqrt(512)
+    assert summary["loss"] < -0.8  # the loss a constant output would reach is -1
+    assert diag["z_std"] < 0.5 * reference
+    assert summary["z_std"] < 0.5 * reference  # also in the training batches
+    assert diag["effective_rank"] < 4
+    # What variation is left does not tell images apart: 1 - 1/8 = 0.875 means none.
+    assert diag["shard_ratio"] > 0.8
+    assert _parallel_pairs(path) > 0.8
+
+
+def test_with_stop_gradient_the_same_recipe_does_not(runs):
+    path, summary, diag = runs[True]
+    reference = diag["z_std_reference"]
+    assert diag["z_std"] > 0.8 * reference and summary["z_std"] > 0.8 * reference
+    assert diag["effective_rank"] > 20
+    assert diag["shard_ratio"] < 0.75  # views of one image are closer than views of two
+    assert _parallel_pairs(path) < 0.05
+    collapsed = runs[False][2]
+    assert diag["effective_rank"] > 5 * collapsed["effective_rank"]
