@@ -1,11 +1,15 @@
 """SimSiam train_step against a plain forward and backward pass of its backbone.
 
+Times are medians over the timed steps, after `warmup` steps that trace and compile.
+
     python benchmarks/train_step.py            # ResNet-18 (CIFAR variant), 32 px, global batch 256
     python benchmarks/train_step.py --quick    # batch 64, fewer steps
 
 For float32 and bfloat16, with XLA off and on, in one process:
-- step: `SimSiam.train_step` through `fit()` (both views through backbone, projector
-  and predictor, the symmetric loss, gradients, the SGD update);
+- fit step: `SimSiam.train_step` through `fit()`, as training runs it (both views
+  through backbone, projector and predictor, the symmetric loss, gradients, the SGD
+  update), timed per step by a callback;
+- direct step: the same `train_step` called in a `tf.function`, without `fit()`;
 - backbone: the same backbone's forward and backward pass on the same two views
   (gradient of the sum of its features), nothing else.
 The ratio step / backbone is the cost of SimSiam's heads, loss and update; the target
@@ -23,11 +27,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import report  # noqa: E402
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from simsiam_tf.config import make_config  # noqa: E402
 from simsiam_tf.model import build_simsiam  # noqa: E402
 from simsiam_tf.optim import make_optimizer  # noqa: E402
+
+
+class StepClock(keras.callbacks.Callback):
+    """Wall time of each training step, batch begin to batch end."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._started)
 
 
 def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, width: int) -> dict:
@@ -38,10 +57,22 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
     x1 = tf.random.normal([batch, 32, 32, 3], seed=1)
     x2 = tf.random.normal([batch, 32, 32, 3], seed=2)
     ds = tf.data.Dataset.from_tensors((x1, x2)).repeat()
-    model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0)
-    started = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
-    step = (time.perf_counter() - started) / steps
+    # One fit() call, as in training, timed per step by a callback: every separate fit()
+    # call can retrace the train function (measured: +20 s on the second call), which
+    # is not a cost of the step.
+    clock = StepClock()
+    model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[clock])
+    step = float(np.median(clock.times[warmup:]))
+
+    # The same train_step called directly in a tf.function: SimSiam's own cost without
+    # the per-step work of Keras's fit() loop (iterator, callbacks, metrics plumbing).
+    direct_step = tf.function(model.train_step, jit_compile=jit)
+    times = []
+    for _ in range(warmup + steps):
+        started = time.perf_counter()
+        direct_step((x1, x2))["loss"].numpy()
+        times.append(time.perf_counter() - started)
+    direct = float(np.median(times[warmup:]))
 
     backbone = model.backbone
 
@@ -51,20 +82,20 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
             total = tf.reduce_sum(backbone(a, training=True)) + tf.reduce_sum(backbone(b, training=True))
         return tape.gradient(total, backbone.trainable_variables)
 
-    for _ in range(warmup):
-        grads = forward_backward(x1, x2)
-    grads[0].numpy()
-    started = time.perf_counter()
-    for _ in range(steps):
-        grads = forward_backward(x1, x2)
-    grads[0].numpy()
-    plain = (time.perf_counter() - started) / steps
+    times = []
+    for _ in range(warmup + steps):
+        started = time.perf_counter()
+        forward_backward(x1, x2)[0].numpy()
+        times.append(time.perf_counter() - started)
+    plain = float(np.median(times[warmup:]))
     return {
         "precision": precision,
         "xla": jit,
         "step_pairs_per_s": batch / step,
+        "direct_step_pairs_per_s": batch / direct,
         "backbone_pairs_per_s": batch / plain,
         "step_over_backbone": step / plain,
+        "direct_over_backbone": direct / plain,
     }
 
 
@@ -82,8 +113,9 @@ def main(argv=None) -> int:
             row = measure(precision, jit, batch, steps, warmup, args.width)
             rows.append(row)
             print(
-                f"  {precision:<9} xla={str(jit):<5} step {row['step_pairs_per_s']:6.1f} pairs/s   "
-                f"backbone {row['backbone_pairs_per_s']:6.1f} pairs/s   ratio {row['step_over_backbone']:.3f}",
+                f"  {precision:<9} xla={str(jit):<5} fit step {row['step_pairs_per_s']:6.1f} pairs/s   "
+                f"direct step {row['direct_step_pairs_per_s']:6.1f}   backbone {row['backbone_pairs_per_s']:6.1f}   "
+                f"ratios {row['step_over_backbone']:.3f} / {row['direct_over_backbone']:.3f}",
                 flush=True,
             )
     by = {(r["precision"], r["xla"]): r for r in rows}
@@ -91,8 +123,9 @@ def main(argv=None) -> int:
     best16 = max(by[("bfloat16", False)]["step_pairs_per_s"], by[("bfloat16", True)]["step_pairs_per_s"])
     report(
         "train_step", rows,
-        [("precision", "precision"), ("xla", "xla"), ("step_pairs_per_s", "step pairs/s"),
-         ("backbone_pairs_per_s", "backbone pairs/s"), ("step_over_backbone", "step/backbone")],
+        [("precision", "precision"), ("xla", "xla"), ("step_pairs_per_s", "fit() step pairs/s"),
+         ("direct_step_pairs_per_s", "direct step pairs/s"), ("backbone_pairs_per_s", "backbone pairs/s"),
+         ("step_over_backbone", "fit step/backbone"), ("direct_over_backbone", "direct step/backbone")],
         {"batch": batch, "width": args.width, "bf16_over_fp32_best": round(best16 / best32, 3),
          "bf16_over_fp32_no_xla": round(by[("bfloat16", False)]["step_pairs_per_s"] / by[("float32", False)]["step_pairs_per_s"], 3)},
     )

@@ -23,7 +23,7 @@ class TrainingDiverged(Exception):
 
 
 BACKBONES = ("resnet18", "resnet50")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "auto")  # auto: resolved by distribute.resolve_precision
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 

@@ -87,6 +87,11 @@ def run(
         strategy = distribute.make_strategy(config.strategy, config.cpu_replicas)
     replicas = strategy.num_replicas_in_sync
     chief = distribute.is_chief(strategy)
+    if config.precision == "auto":  # config.json records the precision actually used
+        precision, reason = distribute.resolve_precision(config.precision, strategy)
+        config = config.replace(precision=precision)
+        if verbose and chief:
+            print(f"precision: {precision} ({reason})", flush=True)
     if chief:  # other workers find the chief's files there: that is expected
         check_logdir(logdir, resume)
     if data is None:

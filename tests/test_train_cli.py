@@ -42,7 +42,7 @@ def _error_lines(stderr):
         (["--epochs", "abc"], "expected a whole number, got 'abc'"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--lr", "-1"], "--lr must be in (0, 100)"),
-        (["--precision", "float8"], "--precision 'float8': choose one of float32, bfloat16"),
+        (["--precision", "float8"], "--precision 'float8': choose one of float32, bfloat16, auto"),
         (["--strategy", "gpus"], "--strategy 'gpus': choose one of"),
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--image-size", "5"], "--image-size must be in [16, 1024]"),
@@ -82,6 +82,14 @@ def test_mirrored_run_on_two_cpu_replicas(tmp_path):
     assert "on 2 replica(s)" in result.stdout
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["epochs_completed"] == 1 and summary["knn_top1"] is not None
+    # No --precision: "auto" is resolved for this machine, said, and recorded as used.
+    from simsiam_tf.distribute import resolve_precision
+
+    import tensorflow as tf
+
+    expected, reason = resolve_precision("auto", tf.distribute.get_strategy())
+    assert f"precision: {expected} ({reason})" in result.stdout
+    assert json.loads((logdir / "config.json").read_text())["precision"] == expected
 
 
 def test_existing_logdir_is_not_overwritten(tmp_path):
