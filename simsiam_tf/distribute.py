@@ -36,7 +36,8 @@ def split_cpu(replicas: int) -> list[str]:
     return [f"/cpu:{i}" for i in range(replicas)]
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags from /proc/cpuinfo (empty where it is not readable)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -66,7 +67,7 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> tuple
         if all(tuple(c) >= (8, 0) for c in capabilities):
             return "bfloat16", f"auto: GPU compute capability {min(capabilities)}"
         return "float32", f"auto: GPU compute capability {min(capabilities)} < 8.0"
-    native = sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    native = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
     if native:
         return "bfloat16", "auto: CPU with " + ", ".join(native)
     return "float32", "auto: no native bfloat16 on this CPU"

@@ -53,9 +53,9 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     strategy = tf.distribute.get_strategy()
     assert distribute.resolve_precision("float32", strategy)[0] == "float32"
     assert distribute.resolve_precision("bfloat16", strategy)[0] == "bfloat16"
-    monkeypatch.setattr(distribute, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(distribute, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     assert distribute.resolve_precision("auto", strategy) == ("bfloat16", "auto: CPU with avx512_bf16")
-    monkeypatch.setattr(distribute, "_cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(distribute, "cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
     assert distribute.resolve_precision("auto", strategy)[0] == "bfloat16"
-    monkeypatch.setattr(distribute, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(distribute, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert distribute.resolve_precision("auto", strategy) == ("float32", "auto: no native bfloat16 on this CPU")
