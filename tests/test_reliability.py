@@ -152,8 +152,8 @@ def _free_port():
 
 
 def test_two_workers_match_each_other_and_a_single_process(tmp_path):
-    # float32: the comparison is to round-off, and bfloat16 (what "auto" picks on a CPU
-    # with AVX512-BF16) rounds 2^16 times coarser.
+    # float32 pinned, whatever the default: the comparison is to round-off, and
+    # bfloat16 rounds 2^16 times coarser.
     flags = ["--width", "8", "--batch-size", "32", "--train-limit", "64", "--epochs", "1", "--knn-every", "1", "--seed", "5",
              "--precision", "float32"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
