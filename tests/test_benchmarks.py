@@ -1,0 +1,66 @@
+"""The benchmark scripts behind docs/performance.md still run and report what it quotes.
+
+Each script runs at a tiny size (the numbers are meaningless here and are not judged;
+performance is read from the scripts' own output on an idle machine). What is checked:
+exit code 0, one JSON line with the fields the docs quote, and values that are
+internally consistent (rates > 0, a wait fraction in [0, 1], one RSS row per epoch).
+"""
+
+import json
+import math
+import os
+import subprocess
+
+from conftest import REPO
+
+
+def _run(python, script, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [python, os.path.join(REPO, "benchmarks", script), *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    out = json.loads(last)
+    assert out["machine"]["cores"] >= 1
+    return out
+
+
+def _positive(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_input_pipeline_reports_all_three_pipelines(python, cifar_dir):
+    out = _run(python, "input_pipeline.py", "--quick", "--sizes", "32")
+    assert out["benchmark"] == "input_pipeline"
+    assert {r["pipeline"] for r in out["rows"]} == {"cached", "jpeg", "naive keras-cv"}
+    for r in out["rows"]:
+        assert r["size"] == 32 and _positive(r["pairs_per_s"])
+        assert math.isclose(r["pairs_per_s_per_core"] * out["machine"]["cores"], r["pairs_per_s"])
+    assert _positive(out["cached_over_naive_32px"])
+
+
+def test_train_step_reports_both_precisions_with_and_without_xla(python):
+    out = _run(python, "train_step.py", "--batch", "8", "--steps", "1", "--width", "4")
+    rows = {(r["precision"], r["xla"]): r for r in out["rows"]}
+    assert set(rows) == {(p, x) for p in ("float32", "bfloat16") for x in (False, True)}
+    for r in rows.values():
+        for key in ("step_pairs_per_s", "direct_step_pairs_per_s", "backbone_pairs_per_s"):
+            assert _positive(r[key]), (key, r)
+        assert math.isclose(r["step_over_backbone"], r["backbone_pairs_per_s"] / r["step_pairs_per_s"], rel_tol=1e-6)
+    assert math.isclose(
+        out["bf16_over_fp32_no_xla"],
+        rows[("bfloat16", False)]["step_pairs_per_s"] / rows[("float32", False)]["step_pairs_per_s"],
+        abs_tol=1e-3,
+    )
+
+
+def test_end_to_end_reports_input_wait_and_memory_per_epoch(python, cifar_dir):
+    out = _run(python, "end_to_end.py", "--epochs", "2", "--steps", "2", "--batch", "16", "--width", "4")
+    values = {r["measure"]: r["value"] for r in out["rows"]}
+    assert 0.0 <= values["input wait (1 - constant/real)"] <= 1.0
+    assert _positive(values["pairs/s, real pipeline"])
+    assert [m for m in values if m.startswith("RSS after epoch")] == ["RSS after epoch 1 (MiB)", "RSS after epoch 2 (MiB)"]
+    assert values["peak RSS (MiB)"] >= values["RSS after epoch 2 (MiB)"] > 0
+    assert out["precision"] == "float32" and out["epochs"] == 2
