@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -39,12 +40,16 @@ def machine() -> dict:
     }
 
 
-def timed(fn, repeats: int) -> float:
-    """Seconds per call of `fn`, over `repeats` calls after the caller's warm-up."""
-    started = time.perf_counter()
-    for _ in range(repeats):
+def median_seconds(fn, warmup: int, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
         fn()
-    return (time.perf_counter() - started) / repeats
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def report(name: str, rows: list[dict], columns: list[tuple[str, str]], extra: dict | None = None) -> None:

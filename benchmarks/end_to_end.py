@@ -22,41 +22,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CIFAR, report  # noqa: E402
+from step_clock import StepClock, rss_mb  # noqa: E402
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from simsiam_tf import training  # noqa: E402
 from simsiam_tf.config import make_config  # noqa: E402
-
-
-def _rss_mb() -> tuple[float, float]:
-    """(current RSS, peak RSS) of this process in MiB."""
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, amount = line.split()[:2]
-                values[key] = int(amount) / 1024
-    return values["VmRSS:"], values["VmHWM:"]
-
-
-class StepClock(keras.callbacks.Callback):
-    """Wall time of each training step (batch begin to batch end) and RSS per epoch."""
-
-    def __init__(self):
-        super().__init__()
-        self.steps, self.rss = [], []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps.append(time.perf_counter() - self._t)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.rss.append(_rss_mb())
 
 
 def main(argv=None) -> int:
@@ -78,7 +50,7 @@ def main(argv=None) -> int:
         width=args.width, train_limit=args.steps * args.batch, knn_every=0, diag_every=0, projector_images=0,
     )
     clock = StepClock()
-    rss_start = _rss_mb()
+    rss_start = rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         training.run(config, os.path.join(tmp, "run"), verbose=0, extra_callbacks=[clock])

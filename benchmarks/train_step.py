@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import report  # noqa: E402
+from common import median_seconds, report  # noqa: E402
+from step_clock import StepClock  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -33,20 +33,6 @@ import tensorflow as tf  # noqa: E402
 from simsiam_tf.config import make_config  # noqa: E402
 from simsiam_tf.model import build_simsiam  # noqa: E402
 from simsiam_tf.optim import make_optimizer  # noqa: E402
-
-
-class StepClock(keras.callbacks.Callback):
-    """Wall time of each training step, batch begin to batch end."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._started = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._started)
 
 
 def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, width: int) -> dict:
@@ -62,17 +48,12 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
     # is not a cost of the step.
     clock = StepClock()
     model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[clock])
-    step = float(np.median(clock.times[warmup:]))
+    step = float(np.median(clock.steps[warmup:]))
 
     # The same train_step called directly in a tf.function: SimSiam's own cost without
     # the per-step work of Keras's fit() loop (iterator, callbacks, metrics plumbing).
     direct_step = tf.function(model.train_step, jit_compile=jit)
-    times = []
-    for _ in range(warmup + steps):
-        started = time.perf_counter()
-        direct_step((x1, x2))["loss"].numpy()
-        times.append(time.perf_counter() - started)
-    direct = float(np.median(times[warmup:]))
+    direct = median_seconds(lambda: direct_step((x1, x2))["loss"].numpy(), warmup, steps)
 
     backbone = model.backbone
 
@@ -82,12 +63,7 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
             total = tf.reduce_sum(backbone(a, training=True)) + tf.reduce_sum(backbone(b, training=True))
         return tape.gradient(total, backbone.trainable_variables)
 
-    times = []
-    for _ in range(warmup + steps):
-        started = time.perf_counter()
-        forward_backward(x1, x2)[0].numpy()
-        times.append(time.perf_counter() - started)
-    plain = float(np.median(times[warmup:]))
+    plain = median_seconds(lambda: forward_backward(x1, x2)[0].numpy(), warmup, steps)
     return {
         "precision": precision,
         "xla": jit,
