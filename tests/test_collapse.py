@@ -49,15 +49,21 @@ def _parallel_pairs(run_dir):
 
 
 def test_without_stop_gradient_the_representation_collapses(runs):
+    # Thresholds sit between the two regimes, with room for the run-to-run spread of
+    # CPU kernels: collapsed runs with seeds 0-5 measured loss -0.87..-0.96, training
+    # z_std 0.29-0.47 of 1/sqrt(d), effective rank 2.1-4.8, shard ratio 0.81-0.88,
+    # parallel pairs 85-96%; the stop-gradient run sits near 1.0, 57, 0.6 and 0%.
+    # The probe-set z_std is not asserted: in inference mode it jumps between ~0 and
+    # 1/sqrt(d) from epoch to epoch (docs/collapse.md), so only the training batches'
+    # z_std is a steady signal.
     path, summary, diag = runs[False]
     reference = diag["z_std_reference"]  # 1/sqrt(512)
     assert summary["loss"] < -0.8  # the loss a constant output would reach is -1
-    assert diag["z_std"] < 0.5 * reference
-    assert summary["z_std"] < 0.5 * reference  # also in the training batches
-    assert diag["effective_rank"] < 4
+    assert summary["z_std"] < 0.6 * reference
+    assert diag["effective_rank"] < 8
     # What variation is left does not tell images apart: 1 - 1/8 = 0.875 means none.
-    assert diag["shard_ratio"] > 0.8
-    assert _parallel_pairs(path) > 0.8
+    assert diag["shard_ratio"] > 0.78
+    assert _parallel_pairs(path) > 0.75
 
 
 def test_with_stop_gradient_the_same_recipe_does_not(runs):
