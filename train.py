@@ -62,9 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-replicas", type=_positive_int, help="with --strategy mirrored and no GPU: split the CPU into N replicas")
     p.add_argument(
         "--precision",
-        help="float32 (default), bfloat16 (mixed precision; loss and outputs stay float32; "
-        "1.35x faster on this CPU, but -3.2 kNN points on digits: docs/performance.md), "
-        "or auto (bfloat16 where the hardware has it natively, else float32)",
+        help="auto (default: bfloat16 where the hardware has it natively, else float32), float32, "
+        "or bfloat16 (mixed precision; loss and outputs stay float32). Accuracy and speed: docs/performance.md",
     )
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR", help="continue the run in RUN_DIR (or --logdir) from its last completed epoch")
     p.add_argument("--no-stop-gradient", dest="stop_gradient", action="store_const", const=False, help="the paper's ablation: collapses")
@@ -103,6 +102,7 @@ def main(argv=None) -> int:
 
             config = resolve_resume(logdir, explicit)
         else:
+            explicit.setdefault("precision", "auto")
             config = make_config(args.preset, **explicit)
             logdir = args.logdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         from simsiam_tf.rundir import check_logdir, tf_config_is_chief

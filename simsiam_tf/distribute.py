@@ -54,9 +54,9 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> tuple
     bfloat16 where the hardware computes it natively: TPUs, GPUs of compute capability
     8.0 or newer (A100, H100, RTX 30xx and later), and CPUs with AVX512-BF16 or AMX.
     On this project's 2-core CPU (AVX512-BF16) it trains the CIFAR ResNet-18 1.35x
-    faster, but whole digits runs end with lower kNN, so it is opt-in, not the default
-    (docs/performance.md). Elsewhere float32, which older hardware runs faster than
-    emulated bfloat16.
+    faster, and whole digits runs end with the same kNN and linear probe within their
+    run-to-run spread (docs/performance.md). Elsewhere float32, which older hardware
+    runs faster than emulated bfloat16. train.py's default.
     """
     if precision != "auto":
         return precision, "--precision " + precision

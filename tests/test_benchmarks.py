@@ -64,3 +64,35 @@ def test_end_to_end_reports_input_wait_and_memory_per_epoch(python, cifar_dir):
     assert [m for m in values if m.startswith("RSS after epoch")] == ["RSS after epoch 1 (MiB)", "RSS after epoch 2 (MiB)"]
     assert values["peak RSS (MiB)"] >= values["RSS after epoch 2 (MiB)"] > 0
     assert out["precision"] == "float32" and out["epochs"] == 2
+
+
+def _fake_run(directory, precision, seed, knn, linear):
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"precision": precision, "seed": seed}))
+    (directory / "evaluation.json").write_text(json.dumps({"knn": {"top1": knn}, "linear_probe": {"top1": linear}}))
+    return str(directory)
+
+
+def test_compare_runs_permutation_p_and_means(tmp_path, python):
+    # Three runs against three: of the C(6,3) = 20 relabellings only the observed split
+    # and its mirror image reach a difference of 0.3, so the exact two-sided p is 2/20.
+    a = [_fake_run(tmp_path / f"a{i}", "float32", i, 0.5 + 0.01 * i, 0.9) for i in range(3)]
+    b = [_fake_run(tmp_path / f"b{i}", "bfloat16", i, 0.8 + 0.01 * i, 0.9) for i in range(3)]
+    out = _run(python, "compare_runs.py", "--a", *a, "--b", *b)
+    knn, linear = out["rows"]
+    assert math.isclose(knn["a_mean"], 0.51) and math.isclose(knn["b_mean"], 0.81)
+    assert math.isclose(knn["b_minus_a"], 0.3) and math.isclose(knn["a_std"], 0.01)
+    assert math.isclose(knn["p"], 0.1)
+    assert linear["b_minus_a"] == 0 and linear["p"] == 1.0  # identical groups: every split ties
+    assert [r["seed"] for r in out["b"]] == [0, 1, 2]
+
+
+def test_compare_runs_names_the_missing_evaluation(tmp_path, python):
+    run = tmp_path / "run"
+    run.mkdir()
+    result = subprocess.run(
+        [python, os.path.join(REPO, "benchmarks", "compare_runs.py"), "--a", str(run), "--b", str(run)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert f"python evaluate.py --run {run} --checkpoint last" in result.stderr

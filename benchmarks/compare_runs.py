@@ -1,0 +1,102 @@
+"""Do two groups of finished runs differ in accuracy by more than their run-to-run spread?
+
+    python evaluate.py --run RUN --checkpoint last          # once per run: writes evaluation.json
+    python benchmarks/compare_runs.py --a runs/seed*-fp32 --b runs/seed*-bf16
+
+For kNN and linear-probe top-1 (from each run's evaluation.json) it prints each group's
+mean, standard deviation and range, the difference of means (b - a), and a two-sided
+permutation p-value: the share of all ways of splitting the pooled runs into groups of
+the same sizes whose difference of means is at least as large. Exact for up to 200,000
+splits, else 200,000 random splits with a fixed seed. A small p says the groups differ
+by more than the runs within a group do; a large p says the data cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import report  # noqa: E402
+
+METRICS = (("knn", "kNN top-1"), ("linear_probe", "linear probe top-1"))
+EXACT_LIMIT = 200_000
+
+
+def read_run(path: str) -> dict:
+    """The top-1 scores evaluate.py wrote for `path`, with the run's precision and seed."""
+    file = os.path.join(path, "evaluation.json")
+    if not os.path.exists(file):
+        raise SystemExit(f"error: {file} not found; run `python evaluate.py --run {path} --checkpoint last` first")
+    with open(file) as f:
+        evaluation = json.load(f)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    out = {"run": path, "precision": config.get("precision"), "seed": config.get("seed")}
+    for key, _ in METRICS:
+        out[key] = float(evaluation[key]["top1"])
+    return out
+
+
+def permutation_p(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
+    """Two-sided p-value of |mean(b) - mean(a)| under random relabelling of the runs."""
+    pooled = np.concatenate([a, b])
+    observed = abs(b.mean() - a.mean())
+    n, k = len(pooled), len(b)
+    if math.comb(n, k) <= EXACT_LIMIT:
+        splits = (list(c) for c in itertools.combinations(range(n), k))
+    else:
+        rng = np.random.default_rng(seed)
+        splits = (rng.choice(n, k, replace=False) for _ in range(EXACT_LIMIT))
+    total = pooled.sum()
+    hits = count = 0
+    for idx in splits:
+        b_sum = pooled[idx].sum()
+        diff = b_sum / k - (total - b_sum) / (n - k)
+        hits += abs(diff) >= observed - 1e-12
+        count += 1
+    return hits / count
+
+
+def compare(a_runs: list[dict], b_runs: list[dict]) -> list[dict]:
+    rows = []
+    for key, name in METRICS:
+        a = np.array([r[key] for r in a_runs])
+        b = np.array([r[key] for r in b_runs])
+        rows.append({
+            "metric": name,
+            "a_mean": float(a.mean()), "a_std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "a_range": f"{a.min():.3f}-{a.max():.3f}",
+            "b_mean": float(b.mean()), "b_std": float(b.std(ddof=1)) if len(b) > 1 else 0.0,
+            "b_range": f"{b.min():.3f}-{b.max():.3f}",
+            "b_minus_a": float(b.mean() - a.mean()),
+            "p": permutation_p(a, b),
+        })
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--a", nargs="+", required=True, metavar="RUN", help="run directories of the first group")
+    p.add_argument("--b", nargs="+", required=True, metavar="RUN", help="run directories of the second group")
+    args = p.parse_args(argv)
+    a_runs = [read_run(r) for r in args.a]
+    b_runs = [read_run(r) for r in args.b]
+    for group, runs in (("a", a_runs), ("b", b_runs)):
+        for r in runs:
+            print(f"{group}  {r['run']}  {r['precision']}  seed {r['seed']}  kNN {r['knn']:.3f}  linear {r['linear_probe']:.3f}")
+    print()
+    columns = [("metric", "metric"), ("a_mean", "a mean"), ("a_std", "a std"), ("a_range", "a range"),
+               ("b_mean", "b mean"), ("b_std", "b std"), ("b_range", "b range"), ("b_minus_a", "b - a"), ("p", "p")]
+    report("compare_runs", compare(a_runs, b_runs), columns, {"a": a_runs, "b": b_runs})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
