@@ -1,8 +1,14 @@
-"""The default recipe learns, and the stop-gradient is what keeps it from collapsing.
+"""The default recipe learns: a short run beats the kNN of its own random init.
 
-Both runs use the digits preset (the offline default) with fewer epochs, so the whole
-file takes a few minutes on 2 cores. `python train.py` itself runs 60 epochs; its
-numbers are in the README.
+The run uses the digits preset (the offline default) with 25 epochs instead of 60, so it
+takes about 2.5 minutes on 2 cores; `python train.py`'s own numbers are in the README.
+tests/test_collapse.py checks that the stop-gradient is what keeps it from collapsing.
+
+Why 25 epochs: training is not bit-deterministic on CPU, and 15 epochs left too little
+margin. Over repeated runs of this fixture (make_config("digits", epochs=E,
+knn_every=E, seed=S) passed to training.run) the kNN gain over random init measured
+- 15 epochs: +0.03 to +0.13 (seeds 0-3, seed 0 twice), and +0.02 once in CI;
+- 25 epochs: +0.18 to +0.25, loss -0.57 to -0.63 (seeds 0-5, seed 0 three times).
 """
 
 import pytest
@@ -10,7 +16,7 @@ import pytest
 from simsiam_tf import training
 from simsiam_tf.config import make_config
 
-EPOCHS = 15
+EPOCHS = 25
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +26,10 @@ def learned(tmp_path_factory):
 
 
 def test_default_recipe_beats_its_own_random_init(learned):
-    # Random-init kNN (with BatchNorm statistics from data) is about 0.55 on digits.
-    assert learned["knn_top1"] > learned["knn_top1_init"] + 0.05
-    assert learned["loss"] < -0.3  # the predictor learned to match the other view
+    # Random-init kNN (with BatchNorm statistics from data) is about 0.55 on digits;
+    # the bounds sit well inside the measured spread in the module docstring.
+    assert learned["knn_top1"] > learned["knn_top1_init"] + 0.10
+    assert learned["loss"] < -0.45  # the predictor learned to match the other view
 
 
 def test_healthy_run_keeps_z_std_near_one_over_sqrt_d(learned):
