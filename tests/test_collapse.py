@@ -52,7 +52,7 @@ def test_without_stop_gradient_the_representation_collapses(runs):
     # Thresholds sit between the two regimes, with room for the run-to-run spread of
     # CPU kernels: collapsed runs with seeds 0-5 measured loss -0.87..-0.96, training
     # z_std 0.29-0.47 of 1/sqrt(d), effective rank 2.1-4.8, shard ratio 0.81-0.88,
-    # parallel pairs 85-96%; the stop-gradient run sits near 1.0, 57, 0.6 and 0%.
+    # parallel pairs 85-96%; stop-gradient runs sit near 1.0, 54-68, 0.6-0.7 and 0%.
     # The probe-set z_std is not asserted: in inference mode it jumps between ~0 and
     # 1/sqrt(d) from epoch to epoch (docs/collapse.md), so only the training batches'
     # z_std is a steady signal.
@@ -67,6 +67,9 @@ def test_without_stop_gradient_the_representation_collapses(runs):
 
 
 def test_with_stop_gradient_the_same_recipe_does_not(runs):
+    # Stop-gradient runs with seeds 0-5 (seed 0 twice) measured z_std 0.95-0.99 of
+    # 1/sqrt(d) (probe and training), effective rank 54-68, shard ratio 0.60-0.71
+    # (0.61 for seed 0, which this test uses) and under 0.1% parallel pairs.
     path, summary, diag = runs[True]
     reference = diag["z_std_reference"]
     assert diag["z_std"] > 0.8 * reference and summary["z_std"] > 0.8 * reference
