@@ -53,7 +53,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     fix_pred_lr: bool = False
     stop_gradient: bool = True
-    precision: str = "float32"
+    precision: str = "float32"  # train.py asks for "auto"; library callers and tests get plain float32
     seed: int = 0
     strategy: str = "default"
     cpu_replicas: int = 1
