@@ -3,6 +3,7 @@
     python train.py                                    # offline digits, < 10 min on 2 cores
     python train.py --dataset folder:../shared/datasets/cifar10 --strategy mirrored
     python train.py --dataset cifar10 --data-dir ~/tensorflow_datasets
+    python prepare.py --src PHOTOS --out shards && python train.py --dataset tfrecord:shards --preset imagenet
     python train.py --resume runs/20261128-034500      # continue a killed run
 
 Each run writes config.json, summary.json, TensorBoard events (tb/) and checkpoints
@@ -48,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Flags default to None so that the preset fills what the user did not say, and a
     # resumed run can tell which flags were given explicitly.
-    p.add_argument("--dataset", help="digits (default, offline), folder:PATH, or a tensorflow-datasets name such as cifar10")
+    p.add_argument(
+        "--dataset",
+        help="digits (default, offline), folder:PATH, tfrecord:GLOB (shards from prepare.py), "
+        "or a tensorflow-datasets name such as cifar10",
+    )
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     p.add_argument("--preset", help="digits, cifar or imagenet (default: chosen from --dataset)")
     p.add_argument("--epochs", type=_positive_int)
@@ -74,13 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-bank-size", dest="knn_train_limit", type=_positive_int, help="cap the kNN feature bank (0 = whole train split)")
     p.add_argument("--diag-every", type=_positive_int, help="representation diagnostics every N epochs (0 = off)")
     p.add_argument("--train-limit", type=_positive_int, help="train on a fixed random subset of N images (0 = all)")
+    p.add_argument(
+        "--input",
+        help="auto (default: memory when the dataset fits half this machine's memory and trains below 96 px, "
+        "else stream), memory (decode once, hold in memory) or stream (read from disk every epoch; "
+        "crops at full resolution). See docs/data.md",
+    )
+    p.add_argument(
+        "--augment-on",
+        dest="augment_on",
+        help="host (default: the whole augmentation in tf.data) or device (tf.data decodes and crops; "
+        "flip, colour, blur and normalisation run in train_step on each replica's device)",
+    )
     return p
 
 
 FLAG_KEYS = (
     "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
     "strategy", "cpu_replicas", "precision", "stop_gradient", "backbone", "width",
-    "image_size", "knn_every", "knn_train_limit", "train_limit", "diag_every",
+    "image_size", "knn_every", "knn_train_limit", "train_limit", "diag_every", "input", "augment_on",
 )
 
 

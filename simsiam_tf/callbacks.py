@@ -1,4 +1,5 @@
-"""Keras callbacks for a training run: crash-safe backups, TensorBoard, kNN, checkpoints.
+"""Keras callbacks for a training run: crash-safe backups, kNN, best checkpoint,
+TensorBoard, summary.json, one job each.
 
 Where each file goes is described in `simsiam_tf.rundir`.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import keras
@@ -15,7 +17,6 @@ import tensorflow as tf
 
 from simsiam_tf import augment as aug
 from simsiam_tf.config import write_json_atomic
-from simsiam_tf.data import subset
 from simsiam_tf.diagnostics import knn
 
 from simsiam_tf.rundir import BEST_DIR, WEIGHTS_FILE
@@ -94,8 +95,19 @@ class FeatureExtractor:
         ]
         return np.concatenate(out) if out else np.zeros([0, self.dim], np.float32)
 
+    def embed_split(self, split) -> tuple[np.ndarray, np.ndarray | None]:
+        """Features and labels of an evaluation split (`data.ArrayEvalImages` or
+        `stream.StreamEvalImages`), batch by batch, so a streamed split is never held."""
+        features, labels = [], []
+        for images, batch_labels in split.batches(self.batch_size):
+            features.append(self._embed(tf.constant(images)).numpy())
+            labels.append(batch_labels)
+        if not features:
+            return np.zeros([0, self.dim], np.float32), None
+        return np.concatenate(features), None if labels[0] is None else np.concatenate(labels)
 
-def calibrate_batchnorm(backbone: keras.Model, images: np.ndarray, image_size: int, steps: int = 30, batch_size: int = 256):
+
+def calibrate_batchnorm(backbone: keras.Model, split, image_size: int, steps: int = 30, batch_size: int = 256):
     """Estimate BatchNorm's moving statistics from data without changing any weight.
 
     A freshly initialised network has moving mean 0 and variance 1, so its inference-mode
@@ -103,28 +115,29 @@ def calibrate_batchnorm(backbone: keras.Model, images: np.ndarray, image_size: i
     can do. Running the backbone in training mode updates only the moving statistics
     (momentum 0.9: after 30 steps, 4% of the initial values remain). Training itself is
     unaffected: in training mode BatchNorm uses batch statistics.
+
+    `split` is an evaluation split (`calibration_batches`).
     """
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
     def forward(x):
         backbone(aug.eval_preprocess(x, image_size), training=True)
 
-    order = np.random.default_rng(0).permutation(len(images))
-    for step in range(steps):
-        idx = np.take(order, range(step * batch_size, (step + 1) * batch_size), mode="wrap")
-        forward(tf.constant(images[np.sort(idx)]))
+    for images in split.calibration_batches(steps, batch_size):
+        forward(tf.constant(images))
 
 
 class KnnProbe:
-    """kNN top-1 of the backbone's features: bank = train split, queries = test split."""
+    """kNN top-1 of the backbone's features: bank = train split, queries = test split.
 
-    def __init__(self, data, image_size: int, k: int, temperature: float, bank_limit: int = 0):
-        bank = subset(len(data.train_images), bank_limit)
-        self.bank_images = data.train_images[bank]
-        self.bank_labels = data.train_labels[bank]
-        self.test_images = data.test_images
-        self.test_labels = data.test_labels
-        self.num_classes = int(max(self.bank_labels.max(), self.test_labels.max()) + 1)
+    `bank` and `test` are evaluation splits (`data.ArrayEvalImages` in memory,
+    `stream.StreamEvalImages` read from disk at every evaluation).
+    """
+
+    def __init__(self, bank, test, image_size: int, k: int, temperature: float, num_classes: int | None = None):
+        self.bank = bank
+        self.test = test
+        self.num_classes = num_classes
         self.image_size = image_size
         self.k = k
         self.temperature = temperature
@@ -134,18 +147,17 @@ class KnnProbe:
         if id(backbone) not in self._extractors:
             self._extractors[id(backbone)] = FeatureExtractor(backbone, self.image_size)
         extract = self._extractors[id(backbone)]
-        bank = extract(self.bank_images)
-        queries = extract(self.test_images)
-        return knn.knn_accuracy(
-            bank, self.bank_labels, queries, self.test_labels, self.num_classes, self.k, self.temperature
-        )
+        bank, bank_labels = extract.embed_split(self.bank)
+        queries, test_labels = extract.embed_split(self.test)
+        num_classes = max(self.num_classes or 0, int(max(bank_labels.max(), test_labels.max())) + 1)
+        return knn.knn_accuracy(bank, bank_labels, queries, test_labels, num_classes, self.k, self.temperature)
 
 
 class DivergenceGuard(keras.callbacks.Callback):
     """Stops training at the first step whose loss is NaN or infinite.
 
-    It records the step on `model.diverged`, which the backup and the monitor read so
-    that nothing written after the divergence replaces the last good checkpoint.
+    It records the step on `model.diverged`, which the backup and the other callbacks
+    read so that nothing written after the divergence replaces the last good checkpoint.
     Keras's TerminateOnNaN stops too, but lets the epoch-end callbacks save NaN weights.
     """
 
@@ -170,39 +182,208 @@ class DivergenceGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class TrainingMonitor(keras.callbacks.Callback):
-    """TensorBoard scalars and images, kNN every few epochs, best checkpoint, summary.json.
+# ---------------------------------------------------------------------------
+# What a run reports. One callback per job; they talk through the epoch's `logs`
+# dict, which Keras hands to each callback in turn: EpochTimer adds `epoch_seconds`,
+# KnnMonitor `knn_top1`, BestCheckpoint `knn_top1_best` and `knn_best_epoch`,
+# SkippedImages `skipped_images`, and TensorBoardLogger and RunSummary, listed after
+# them, record what they find (`training.reporting_callbacks` builds the list).
 
-    TensorBoard tags: train/loss, train/z_std, train/lr (every `log_every` steps and per
-    epoch as epoch/*), knn/top1, and images views/pairs (view 1 | view 2 per row).
-    The best checkpoint is chosen by kNN top-1, never by the self-supervised loss, which
-    a collapsed model minimises.
+
+def _diverged(model) -> bool:
+    return bool(getattr(model, "diverged", None))
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """`logs["epoch_seconds"]`: the epoch's training time, measured before the
+    evaluations that later callbacks run at its end."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.time() - self._started
+
+
+class KnnMonitor(keras.callbacks.Callback):
+    """kNN top-1 of the backbone before training and every `every` epochs (and after the
+    last), as `logs["knn_top1"]`.
+
+    Before training, BatchNorm statistics are first estimated from the bank
+    (`calibrate_batchnorm`), so "before" measures the random network fairly. Every
+    worker calibrates, so that their BatchNorm statistics stay identical; only the chief
+    evaluates.
     """
 
-    def __init__(
-        self,
-        logdir: str,
-        config,
-        steps_per_epoch: int,
-        knn_probe: KnnProbe | None,
-        view_pairs: tuple[np.ndarray, np.ndarray] | None = None,
-        previous_summary: dict | None = None,
-        is_chief: bool = True,
-        initial_epoch: int = 0,
-    ):
+    def __init__(self, probe: KnnProbe, every: int, epochs: int, initial_epoch: int = 0, is_chief: bool = True,
+                 initial_top1: float | None = None):
         super().__init__()
+        self.probe = probe
+        self.every = every
+        self.epochs = epochs
         self.initial_epoch = initial_epoch
+        self.is_chief = is_chief
+        self.initial_top1 = initial_top1
+
+    def _evaluate(self) -> float:
+        return self.probe(self.model.backbone)
+
+    def on_train_begin(self, logs=None):
+        if self.initial_epoch != 0:
+            return
+        calibrate_batchnorm(self.model.backbone, self.probe.bank, self.probe.image_size)
+        if self.is_chief and self.initial_top1 is None:
+            self.initial_top1 = self._evaluate()
+            print(f"kNN top-1 before training: {self.initial_top1:.4f} (random init, BatchNorm statistics from data)",
+                  flush=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if not self.is_chief or _diverged(self.model) or logs is None:
+            return
+        if self.every and (done % self.every == 0 or done == self.epochs):
+            logs["knn_top1"] = self._evaluate()
+            print(f"\nepoch {done}: kNN top-1 {logs['knn_top1']:.4f}", flush=True)
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Keeps the weights with the best `logs["knn_top1"]` in checkpoints/best/.
+
+    Chosen by kNN accuracy, never by the self-supervised loss, which a collapsed model
+    minimises. Adds `knn_top1_best` and `knn_best_epoch` to every epoch's logs once a
+    kNN result exists.
+    """
+
+    def __init__(self, logdir: str, is_chief: bool = True, best: float | None = None, best_epoch: int | None = None):
+        super().__init__()
+        self.logdir = logdir
+        self.is_chief = is_chief
+        self.best = best
+        self.best_epoch = best_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or _diverged(self.model):
+            return
+        top1 = logs.get("knn_top1")
+        if top1 is not None and (self.best is None or top1 > self.best):
+            self.best, self.best_epoch = top1, epoch + 1
+            if self.is_chief:
+                best_dir = os.path.join(self.logdir, BEST_DIR)
+                os.makedirs(best_dir, exist_ok=True)
+                _save_weights_atomic(self.model, os.path.join(best_dir, WEIGHTS_FILE))
+                write_json_atomic(os.path.join(best_dir, "info.json"), {"epoch": epoch + 1, "knn_top1": top1})
+        if self.best is not None:
+            logs["knn_top1_best"] = self.best
+            logs["knn_best_epoch"] = self.best_epoch
+
+
+class TensorBoardLogger(keras.callbacks.Callback):
+    """TensorBoard scalars and the preview of augmented views.
+
+    Tags: train/loss, train/z_std, train/lr every `log_every` steps; epoch/loss,
+    epoch/z_std, epoch/lr; knn/top1 (step 0 = before training); data/skipped_images
+    when files could not be decoded; images views/pairs (view 1 | view 2 per row).
+    Written by the chief only.
+    """
+
+    def __init__(self, logdir: str, steps_per_epoch: int, log_every: int, view_pairs=None,
+                 knn: KnnMonitor | None = None, is_chief: bool = True):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.log_every = log_every
+        self.view_pairs = view_pairs
+        self.knn = knn
+        self.writer = tf.summary.create_file_writer(os.path.join(logdir, "tb")) if is_chief else None
+
+    def _scalar(self, tag, value, step):
+        if self.writer is not None and value is not None:
+            with self.writer.as_default():
+                tf.summary.scalar(tag, float(value), step=int(step))
+
+    def on_train_begin(self, logs=None):
+        if self.writer is None:
+            return
+        if self.knn is not None and self.knn.initial_epoch == 0:
+            self._scalar("knn/top1", self.knn.initial_top1, 0)
+        if self.view_pairs is not None:
+            x1, x2 = self.view_pairs
+            mean, std = np.array(aug.IMAGENET_MEAN), np.array(aug.IMAGENET_STD)
+            pairs = np.concatenate([x1, x2], axis=2) * std + mean
+            with self.writer.as_default():
+                tf.summary.image("views/pairs", np.clip(pairs, 0, 1), step=0, max_outputs=len(pairs))
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if logs and step % self.log_every == 0:
+            for key in ("loss", "z_std", "lr"):
+                if key in logs:
+                    self._scalar(f"train/{key}", np.ravel(logs[key])[0], step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if _diverged(self.model) or self.writer is None:
+            return
+        logs = logs or {}
+        step = (epoch + 1) * self.steps_per_epoch
+        for key in ("loss", "z_std", "lr"):
+            if key in logs:
+                self._scalar(f"epoch/{key}", np.ravel(logs[key])[0], step)
+        self._scalar("knn/top1", logs.get("knn_top1"), step)
+        if logs.get("skipped_images"):
+            self._scalar("data/skipped_images", logs["skipped_images"], step)
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self.writer is not None:
+            self.writer.flush()
+
+
+class SkippedImages(keras.callbacks.Callback):
+    """Counts images the input could not decode while training (`skipped_in_training`),
+    as `logs["skipped_images"]`, with one warning line whenever the count grows."""
+
+    def __init__(self, training_input, previous: int = 0):
+        super().__init__()
+        self.input = training_input
+        self.previous = previous  # from the summary of the run being resumed
+        self._warned = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = self.input.skipped_in_training()
+        if now > self._warned:
+            print(
+                f"\nwarning: {now - self._warned} image(s) could not be decoded in epoch {epoch + 1} and were "
+                f"skipped ({now} so far); the epoch was topped up with other images",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._warned = now
+        if logs is not None:
+            logs["skipped_images"] = self.previous + now
+
+
+class RunSummary(keras.callbacks.Callback):
+    """summary.json, rewritten atomically after every epoch.
+
+    Fields: epochs_completed, epochs, loss, z_std, z_std_reference, knn_top1,
+    knn_top1_init, knn_top1_best, knn_best_epoch, skipped_images, train_images_per_sec,
+    train_time_s, train_images, wall_time_s, and `history` (one record per epoch). On
+    resume it continues the previous summary.
+    """
+
+    def __init__(self, logdir: str, config, steps_per_epoch: int, knn: KnnMonitor | None = None,
+                 previous_summary: dict | None = None, is_chief: bool = True, input_kind: str | None = None):
+        super().__init__()
         self.logdir = logdir
         self.config = config
         self.steps_per_epoch = steps_per_epoch
-        self.knn_probe = knn_probe
-        self.view_pairs = view_pairs
+        self.knn = knn
         self.is_chief = is_chief
-        self.writer = tf.summary.create_file_writer(os.path.join(logdir, "tb")) if is_chief else None
         prev = previous_summary or {}
         self.summary = {
             "epochs_completed": prev.get("epochs_completed", 0),
             "epochs": config.epochs,
+            "input": input_kind,
             "loss": prev.get("loss"),
             "z_std": prev.get("z_std"),
             "z_std_reference": 1.0 / np.sqrt(config.proj_dim),
@@ -210,6 +391,7 @@ class TrainingMonitor(keras.callbacks.Callback):
             "knn_top1_init": prev.get("knn_top1_init"),
             "knn_top1_best": prev.get("knn_top1_best"),
             "knn_best_epoch": prev.get("knn_best_epoch"),
+            "skipped_images": prev.get("skipped_images", 0),
             "train_images_per_sec": prev.get("train_images_per_sec"),
             "wall_time_s": prev.get("wall_time_s", 0.0),
             "history": prev.get("history", []),
@@ -219,22 +401,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         self._wall_before = self.summary["wall_time_s"]
         self._first_epoch = None
 
-    # -- helpers ---------------------------------------------------------------------
-
-    def _scalar(self, tag, value, step):
-        if self.writer is not None and value is not None:
-            with self.writer.as_default():
-                tf.summary.scalar(tag, float(value), step=int(step))
-
-    def _run_knn(self):
-        if self.knn_probe is None or not self.is_chief:
-            return None
-        started = time.time()
-        top1 = self.knn_probe(self.model.backbone)
-        self._knn_time += time.time() - started
-        return top1
-
-    def _write_summary(self):
+    def _write(self):
         if not self.is_chief:
             return
         self.summary["wall_time_s"] = round(self._wall_before + time.time() - self._started, 2)
@@ -242,93 +409,44 @@ class TrainingMonitor(keras.callbacks.Callback):
         self.summary["train_images"] = self._train_images
         write_json_atomic(os.path.join(self.logdir, "summary.json"), self.summary)
 
-    # -- Keras hooks -------------------------------------------------------------------
-
     def on_train_begin(self, logs=None):
         self._started = time.time()
-        self._knn_time = 0.0
-        if self.initial_epoch == 0 and self.knn_probe is not None:
-            # Every worker calibrates, so that their BatchNorm statistics stay identical.
-            calibrate_batchnorm(self.model.backbone, self.knn_probe.bank_images, self.config.image_size)
-            if self.is_chief and self.summary["knn_top1_init"] is None:
-                top1 = self._run_knn()
-                self.summary["knn_top1_init"] = top1
-                self._scalar("knn/top1", top1, 0)
-                print(f"kNN top-1 before training: {top1:.4f} (random init, BatchNorm statistics from data)", flush=True)
-        if self.view_pairs is not None and self.writer is not None:
-            x1, x2 = self.view_pairs
-            mean, std = np.array(aug.IMAGENET_MEAN), np.array(aug.IMAGENET_STD)
-            pairs = np.concatenate([x1, x2], axis=2) * std + mean
-            with self.writer.as_default():
-                tf.summary.image("views/pairs", np.clip(pairs, 0, 1), step=0, max_outputs=len(pairs))
-        self._write_summary()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_started = time.time()
-        self._knn_time = 0.0
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if logs and step % self.config.log_every_steps == 0:
-            for key in ("loss", "z_std", "lr"):
-                if key in logs:
-                    self._scalar(f"train/{key}", np.ravel(logs[key])[0], step)
+        if self.knn is not None and self.summary["knn_top1_init"] is None:
+            self.summary["knn_top1_init"] = self.knn.initial_top1
+        self._write()
 
     def on_epoch_end(self, epoch, logs=None):
-        if getattr(self.model, "diverged", None):
+        if _diverged(self.model):
             self.summary["diverged"] = self.model.diverged
-            self._write_summary()
+            self._write()
             return
-        logs = {k: float(np.ravel(v)[0]) for k, v in (logs or {}).items()}
-        epoch_time = time.time() - self._epoch_started
-        images = self.steps_per_epoch * self.config.batch_size
+        logs = logs or {}
+        value = lambda key: None if logs.get(key) is None else float(np.ravel(logs[key])[0])
         # The first epoch of a process includes graph tracing: it counts only while it
         # is the only epoch measured.
+        epoch_time = logs["epoch_seconds"]
+        images = self.steps_per_epoch * self.config.batch_size
         if self._first_epoch is None:
             self._first_epoch = (epoch_time, images)
         else:
             self._train_time += epoch_time
             self._train_images += images
-        done = epoch + 1
-        step = done * self.steps_per_epoch
-        for key in ("loss", "z_std", "lr"):
-            self._scalar(f"epoch/{key}", logs.get(key), step)
-        record = {"epoch": done, "loss": logs.get("loss"), "z_std": logs.get("z_std"), "lr": logs.get("lr")}
-
-        every = self.config.knn_every
-        if self.knn_probe is not None and self.is_chief and every and (done % every == 0 or done == self.config.epochs):
-            top1 = self._run_knn()
-            record["knn_top1"] = top1
-            self.summary["knn_top1"] = top1
-            self._scalar("knn/top1", top1, step)
-            best = self.summary["knn_top1_best"]
-            if best is None or top1 > best:
-                self.summary["knn_top1_best"] = top1
-                self.summary["knn_best_epoch"] = done
-                self._save_best(done, top1)
-            print(f"\nepoch {done}: kNN top-1 {top1:.4f}", flush=True)
-
-        self.summary["epochs_completed"] = done
-        self.summary["loss"] = logs.get("loss")
-        self.summary["z_std"] = logs.get("z_std")
+        record = {"epoch": epoch + 1, "loss": value("loss"), "z_std": value("z_std"), "lr": value("lr")}
+        if logs.get("knn_top1") is not None:
+            record["knn_top1"] = value("knn_top1")
+            self.summary["knn_top1"] = record["knn_top1"]
+        for key in ("knn_top1_best", "knn_best_epoch", "skipped_images"):
+            if logs.get(key) is not None:
+                self.summary[key] = logs[key]
+        self.summary["epochs_completed"] = epoch + 1
+        self.summary["loss"] = record["loss"]
+        self.summary["z_std"] = record["z_std"]
         seconds, counted = self._train_time, self._train_images
         if seconds == 0:
             seconds, counted = self._first_epoch
         self.summary["train_images_per_sec"] = round(counted / seconds, 2)
         self.summary["history"].append(record)
-        self._write_summary()
-        if self.writer is not None:
-            self.writer.flush()
+        self._write()
 
     def on_train_end(self, logs=None):
-        self._write_summary()
-        if self.writer is not None:
-            self.writer.flush()
-
-    def _save_best(self, epoch, top1):
-        if not self.is_chief:
-            return
-        best_dir = os.path.join(self.logdir, BEST_DIR)
-        os.makedirs(best_dir, exist_ok=True)
-        _save_weights_atomic(self.model, os.path.join(best_dir, WEIGHTS_FILE))
-        write_json_atomic(os.path.join(best_dir, "info.json"), {"epoch": epoch, "knn_top1": top1})
+        self._write()

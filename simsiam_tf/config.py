@@ -25,6 +25,8 @@ class TrainingDiverged(Exception):
 BACKBONES = ("resnet18", "resnet50")
 PRECISIONS = ("float32", "bfloat16", "auto")  # auto: resolved by distribute.resolve_precision
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+INPUTS = ("auto", "memory", "stream")  # auto: resolved by inputs.resolve_input
+AUGMENT_ON = ("host", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,11 @@ class TrainConfig:
     knn_temperature: float = 0.1
     knn_train_limit: int = 0
     train_limit: int = 0
+    # Input (simsiam_tf.inputs): decoded in memory, or streamed from disk; and where
+    # the flip, colour and blur steps of the augmentation run (tf.data on the host, or
+    # inside train_step on each replica's device).
+    input: str = "auto"
+    augment_on: str = "host"
     log_every_steps: int = 10
     # Representation diagnostics (simsiam_tf.diagnostics.probe) every diag_every epochs
     # (0 = off) on diag_images fixed training images x diag_views fixed views; at the
@@ -126,6 +133,9 @@ PRESETS: dict[str, TrainConfig] = {
         weight_decay=1e-4,
         fix_pred_lr=True,
         knn_every=10,
+        # 1.28M bank features would take 10 GB; a fixed 50,000-image bank keeps the
+        # monitor comparable across epochs at 0.4 GB.
+        knn_train_limit=50_000,
         diag_every=10,
     ),
 }
@@ -178,6 +188,8 @@ def validate(c: TrainConfig) -> None:
     need(c.backbone in BACKBONES, f"--backbone {c.backbone!r}: choose one of {', '.join(BACKBONES)}")
     need(c.precision in PRECISIONS, f"--precision {c.precision!r}: choose one of {', '.join(PRECISIONS)}")
     need(c.strategy in STRATEGIES, f"--strategy {c.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    need(c.input in INPUTS, f"--input {c.input!r}: choose one of {', '.join(INPUTS)}")
+    need(c.augment_on in AUGMENT_ON, f"--augment-on {c.augment_on!r}: choose one of {', '.join(AUGMENT_ON)}")
     need(c.epochs >= 1, f"--epochs must be at least 1, got {c.epochs}")
     need(c.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs a batch), got {c.batch_size}")
     need(c.base_lr > 0 and c.base_lr < 100, f"--lr must be in (0, 100), got {c.base_lr}")

@@ -1,9 +1,11 @@
 """Image sources (bundled digits, tensorflow-datasets, image folders) and the tf.data
 pipeline that turns them into pairs of augmented views.
 
-Every source is decoded once, resized to the training size with the evaluation resize
-(`augment.resize_uint8`), and held in memory as uint8. Each training step then gathers a
-batch of images by index and augments it on the batch, so JPEGs are never decoded twice.
+This is the in-memory path (`--input memory`): every source is decoded once, brought to
+the training size with `augment.storage_resize_uint8` (the evaluation resize), and held in
+memory as uint8. Each training step then gathers a batch of images by index and augments
+it on the batch, so JPEGs are never decoded twice. Datasets larger than memory stream
+instead (`simsiam_tf.stream`).
 """
 
 from __future__ import annotations
@@ -165,11 +167,30 @@ def _scan_split(root: str) -> tuple[list[str], list[int] | None, list[str]]:
     return _image_files(root), None, []
 
 
-def load_folder(path: str, image_size: int, memory_fraction: float = 0.5, train_limit: int = 0) -> ImageData:
-    """Read an image folder: PATH/train/<class>/* and PATH/test/<class>/*, or loose images.
+@dataclasses.dataclass
+class FolderFiles:
+    """The image files of a folder dataset, as `scan_folder` finds them.
 
-    Files that cannot be decoded are skipped and listed in `ImageData.skipped`. With
-    `train_limit`, only that many training files (a fixed random subset) are decoded.
+    Labels are class indices into `class_names` (the train split's class folders), or
+    None for a folder of loose images.
+    """
+
+    path: str
+    train_root: str
+    train_files: list[str]
+    train_labels: list[int] | None
+    test_files: list[str]
+    test_labels: list[int] | None
+    class_names: list[str]
+
+
+def scan_folder(path: str, train_limit: int = 0) -> FolderFiles:
+    """Find the images of PATH/train/<class>/* and PATH/test/<class>/*, or of loose images.
+
+    With `train_limit`, a fixed random subset of the training files (`subset`).
+
+    Raises:
+        UsageError: missing or empty folder, or test classes the train split lacks.
     """
     if not path:
         raise UsageError("--dataset folder: needs a path, e.g. --dataset folder:../shared/datasets/cifar10")
@@ -201,6 +222,19 @@ def load_folder(path: str, image_size: int, memory_fraction: float = 0.5, train_
         keep = subset(len(train_files), train_limit)
         train_files = [train_files[i] for i in keep]
         train_labels = None if train_labels is None else [train_labels[i] for i in keep]
+    return FolderFiles(path, train_root, train_files, train_labels, test_files, test_labels, classes)
+
+
+def load_folder(path: str, image_size: int, memory_fraction: float = 0.5, train_limit: int = 0) -> ImageData:
+    """Read an image folder: PATH/train/<class>/* and PATH/test/<class>/*, or loose images.
+
+    Files that cannot be decoded are skipped and listed in `ImageData.skipped`. With
+    `train_limit`, only that many training files (a fixed random subset) are decoded.
+    """
+    found = scan_folder(path, train_limit)
+    train_root, classes = found.train_root, found.class_names
+    train_files, train_labels = found.train_files, found.train_labels
+    test_files, test_labels = found.test_files, found.test_labels
     _check_memory(len(train_files) + len(test_files), image_size, memory_fraction, path)
 
     name = f"folder:{path}"
@@ -239,7 +273,7 @@ def _decode(raw: tf.Tensor, image_size: int) -> tf.Tensor:
 
     def jpeg():
         hw = tf.io.extract_jpeg_shape(raw)
-        fold = tf.minimum(hw[0], hw[1]) // image_size
+        fold = tf.minimum(hw[0], hw[1]) // aug.eval_resize_side(image_size)
         branch = tf.cast(fold >= 2, tf.int32) + tf.cast(fold >= 4, tf.int32) + tf.cast(fold >= 8, tf.int32)
         return tf.switch_case(
             branch, [lambda r=r: tf.io.decode_jpeg(raw, channels=3, ratio=r) for r in (1, 2, 4, 8)]
@@ -273,7 +307,7 @@ def decode_files(files: list[str], labels: list[int] | None, image_size: int):
 
     def read(path, i):
         image = _decode(tf.io.read_file(path), image_size)
-        return aug.resize_uint8(image[None], image_size)[0], i
+        return aug.storage_resize_uint8(image[None], image_size)[0], i
 
     ds = (
         tf.data.Dataset.from_tensor_slices((paths, index))
@@ -287,15 +321,27 @@ def decode_files(files: list[str], labels: list[int] | None, image_size: int):
         chunks.append(images.numpy())
         kept.append(i.numpy())
     kept_idx = np.concatenate(kept) if kept else np.zeros([0], np.int64)
-    images = np.concatenate(chunks) if chunks else np.zeros([0, image_size, image_size, 3], np.uint8)
+    side = aug.eval_resize_side(image_size)
+    images = np.concatenate(chunks) if chunks else np.zeros([0, side, side, 3], np.uint8)
     failed = sorted(set(range(len(files))) - set(kept_idx.tolist()))
     out_labels = None if labels is None else np.asarray(labels, np.int32)[kept_idx]
     return images, out_labels, [files[i] for i in failed]
 
 
+def memory_needed(count: int, image_size: int) -> int:
+    """Bytes the in-memory path needs for `count` images at `image_size` (uint8 storage)."""
+    side = aug.eval_resize_side(image_size)
+    return count * side * side * 3
+
+
+def memory_total() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _check_memory(count: int, image_size: int, fraction: float, what: str) -> None:
-    needed = count * image_size * image_size * 3
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    needed = memory_needed(count, image_size)
+    total = memory_total()
     if needed > fraction * total:
         raise UsageError(
             f"{what}: {count:,} images at {image_size} px need {needed / 2**30:.1f} GiB in memory, "
@@ -313,15 +359,19 @@ def network_available(host: str = "storage.googleapis.com", timeout: float = 3.0
         return False
 
 
-def load_tfds(name: str, image_size: int, data_dir: str | None, memory_fraction: float = 0.5) -> ImageData:
-    """Load a tensorflow-datasets image classification dataset ("train" and "test" splits)."""
+def tfds_builder(name: str, data_dir: str | None):
+    """The prepared tensorflow-datasets builder of `name` (downloading it if it can).
+
+    Raises:
+        UsageError: unknown name, or not prepared and no network to download it.
+    """
     import tensorflow_datasets as tfds
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise UsageError(
-            f"unknown dataset {name!r}: not 'digits', not 'folder:PATH' and not a "
+            f"unknown dataset {name!r}: not 'digits', not 'folder:PATH', not 'tfrecord:GLOB' and not a "
             f"tensorflow-datasets name; {OFFLINE_ALTERNATIVES}"
         )
     if not builder.is_prepared():
@@ -337,12 +387,24 @@ def load_tfds(name: str, image_size: int, data_dir: str | None, memory_fraction:
                 f"tensorflow-datasets could not download {name!r} ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200]}); {OFFLINE_ALTERNATIVES}"
             )
+    return builder
+
+
+def tfds_test_split(builder) -> str | None:
+    """The split evaluation uses as the test split: "test", else "validation", else None."""
+    # Without split metadata (tfds.testing.mock_data) the builder still serves both.
+    splits = list(builder.info.splits.keys()) or ["train", "test"]
+    return next((s for s in ("test", "validation") if s in splits), None)
+
+
+def load_tfds(name: str, image_size: int, data_dir: str | None, memory_fraction: float = 0.5) -> ImageData:
+    """Load a tensorflow-datasets image classification dataset ("train" and "test" splits)."""
+    builder = tfds_builder(name, data_dir)
     supervised = builder.info.supervised_keys is not None
     label_feature = builder.info.features["label"] if "label" in builder.info.features else None
     class_names = list(label_feature.names) if label_feature is not None else []
 
-    splits = list(builder.info.splits.keys()) or ["train", "test"]
-    test_split = next((s for s in ("test", "validation") if s in splits), None)
+    test_split = tfds_test_split(builder)
     counts = [builder.info.splits[s].num_examples for s in builder.info.splits.keys()]
     if counts:
         _check_memory(sum(counts), image_size, memory_fraction, f"tensorflow-datasets {name!r}")
@@ -352,7 +414,7 @@ def load_tfds(name: str, image_size: int, data_dir: str | None, memory_fraction:
         if not supervised:
             ds = ds.map(lambda ex: (ex["image"], tf.constant(-1, tf.int64)))
         ds = ds.map(
-            lambda x, y: (aug.resize_uint8(_to_rgb(x)[None], image_size)[0], tf.cast(y, tf.int32)),
+            lambda x, y: (aug.storage_resize_uint8(_to_rgb(x)[None], image_size)[0], tf.cast(y, tf.int32)),
             num_parallel_calls=tf.data.AUTOTUNE,
         ).batch(1024)
         xs, ys = [], []
@@ -451,31 +513,39 @@ def pair_dataset(
     )
 
 
-def distributed_pairs(strategy: tf.distribute.Strategy, images, global_batch, augment, seed, epochs, initial_epoch=0):
-    """`pair_dataset` for `strategy`: one pipeline per worker, each making only its share.
+def distribute_pairs(strategy: tf.distribute.Strategy, global_batch: int, make) -> tf.data.Dataset:
+    """The pair pipeline for `strategy`, from `make(worker, workers, local_batch)`.
 
-    Single-worker strategies get the plain dataset (Keras splits each global batch over
-    the local replicas). Under MultiWorkerMirroredStrategy each worker builds its own
-    slice of every global batch, so no worker decodes or augments another's images,
-    and together they see exactly the batches of a single-process run; its elements
+    Single-worker strategies get `make(0, 1, global_batch)` (Keras splits each global
+    batch over the local replicas). Under MultiWorkerMirroredStrategy each worker builds
+    only its own share, so no worker decodes or augments another's images; its elements
     are the two views stacked on the channel axis, [B, S, S, 6] (`model.split_views`).
     """
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return pair_dataset(images, global_batch, augment, seed, epochs, initial_epoch)
+        return make(0, 1, global_batch)
 
     def worker_dataset(ctx: tf.distribute.InputContext):
-        ds = pair_dataset(
-            images, global_batch, augment, seed, epochs, initial_epoch,
-            shard=(ctx.input_pipeline_id, ctx.num_input_pipelines),
-        )
+        local = global_batch // ctx.num_input_pipelines
+        ds = make(ctx.input_pipeline_id, ctx.num_input_pipelines, local)
         per_replica = ctx.get_per_replica_batch_size(global_batch)
-        if per_replica != global_batch // ctx.num_input_pipelines:  # several replicas per worker
+        if per_replica != local:  # several replicas per worker
             ds = ds.unbatch().batch(per_replica, drop_remainder=True)
         # One tensor per element: Keras's fit() reduces a peeked batch with
         # strategy.reduce, which MultiWorkerMirroredStrategy cannot do on a tuple.
         return ds.map(lambda x1, x2: tf.concat([x1, x2], axis=-1))
 
     return strategy.distribute_datasets_from_function(worker_dataset)
+
+
+def distributed_pairs(strategy: tf.distribute.Strategy, images, global_batch, augment, seed, epochs, initial_epoch=0):
+    """`pair_dataset` for `strategy` (`distribute_pairs`): under MultiWorkerMirroredStrategy
+    each worker makes its slice of every global batch, so together the workers see exactly
+    the batches of a single-process run."""
+
+    def make(worker, workers, local_batch):
+        return pair_dataset(images, global_batch, augment, seed, epochs, initial_epoch, shard=(worker, workers))
+
+    return distribute_pairs(strategy, global_batch, make)
 
 
 def eval_batches(images: np.ndarray, image_size: int, batch_size: int = 256) -> tf.data.Dataset:
@@ -486,3 +556,85 @@ def eval_batches(images: np.ndarray, image_size: int, batch_size: int = 256) -> 
         .map(lambda x: aug.eval_preprocess(x, image_size), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+# ---------------------------------------------------------------------------
+# The in-memory path as a training input (`simsiam_tf.inputs` chooses between it and
+# `simsiam_tf.stream.StreamInput`, which has the same methods).
+
+
+class ArrayEvalImages:
+    """One split's images in memory, already in the form `augment.eval_preprocess` takes.
+
+    Attributes:
+        images: uint8 [N, R, R, 3]; labels: int32 [N] or None.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int = 256):
+        """(uint8 images, labels) batches in order."""
+        for start in range(0, len(self.images), batch_size):
+            labels = None if self.labels is None else self.labels[start : start + batch_size]
+            yield self.images[start : start + batch_size], labels
+
+    def calibration_batches(self, steps: int, batch_size: int):
+        """`steps` batches of random images (sorted within a batch), seed 0, with wrap-around."""
+        order = np.random.default_rng(0).permutation(len(self.images))
+        for step in range(steps):
+            idx = np.take(order, range(step * batch_size, (step + 1) * batch_size), mode="wrap")
+            yield self.images[np.sort(idx)]
+
+    def materialize(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.images, self.labels
+
+
+class MemoryInput:
+    """A dataset held in memory (`ImageData`) as a training input.
+
+    Fast and exact: every epoch is a permutation of the stored images drawn from
+    (seed, epoch), and crops are drawn on the stored images (the originals for 32 px
+    datasets; see `augment.storage_resize_uint8` for larger sizes).
+    """
+
+    kind = "memory"
+
+    def __init__(self, data: ImageData, image_size: int):
+        self.data = data
+        self.image_size = image_size
+        self.name = data.name
+        self.num_train = len(data.train_images)
+        self.skipped = data.skipped
+        self.class_names = data.class_names
+        self.has_knn_splits = data.has_knn_splits
+
+    def steps_per_epoch(self, global_batch: int, workers: int = 1) -> int:
+        return steps_per_epoch(self.num_train, global_batch)
+
+    def pairs(self, strategy, global_batch, spec: aug.AugmentSpec, seed, epochs, initial_epoch=0, augment_on="host"):
+        """`distributed_pairs` of the stored images; with augment_on="device", uint8 crops."""
+        layer = aug.SimSiamAugment(spec) if augment_on == "host" else aug.SimSiamCrop(spec)
+        return distributed_pairs(strategy, self.data.train_images, global_batch, layer, seed, epochs, initial_epoch)
+
+    def eval_images(self, split: str, limit: int = 0) -> ArrayEvalImages:
+        """A fixed subset (`subset`, independent of --seed) of the train or test split."""
+        images = self.data.train_images if split == "train" else self.data.test_images
+        labels = self.data.train_labels if split == "train" else self.data.test_labels
+        keep = subset(len(images), limit)
+        return ArrayEvalImages(images[keep], None if labels is None else labels[keep])
+
+    def preview(self, spec: aug.AugmentSpec, seed: int, count: int = 8):
+        """Both views of the first `count` training images, float32 normalised, or None."""
+        if self.num_train < count:
+            return None
+        ds = pair_dataset(self.data.train_images[:count], count, aug.SimSiamAugment(spec), seed, 1)
+        return tuple(v.numpy() for v in next(iter(ds)))
+
+    def skipped_in_training(self) -> int:
+        """Images skipped while training (a decoded array never fails): 0."""
+        return 0

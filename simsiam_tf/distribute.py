@@ -131,6 +131,14 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0
 
 
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """Input pipelines (hosts) of `strategy`: the cluster's workers and chief, else 1."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+
+
 def worker_id(strategy: tf.distribute.Strategy) -> str:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):

@@ -89,16 +89,20 @@ def encoder_fn(model: SimSiam, output: str = "features"):
 
 
 def decode_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-    """JPEG/PNG bytes [B] of any sizes -> uint8 [B, S, S, 3], resized as in training."""
+    """JPEG/PNG bytes [B] of any sizes -> uint8 [B, R, R, 3] that `eval_preprocess` takes.
+
+    Each image is brought to the common size `augment.storage_resize_uint8` gives
+    (S x S below 96 px, the centre square at the evaluation side above), so that
+    `eval_preprocess` of the batch is the evaluation preprocessing of each original.
+    """
+    side = aug.eval_resize_side(image_size)
 
     def one(data):
         image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
         image.set_shape([None, None, 3])
-        return aug.resize_uint8(image[None], image_size)[0]
+        return aug.storage_resize_uint8(image[None], image_size)[0]
 
-    return tf.map_fn(
-        one, image_bytes, fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8)
-    )
+    return tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec([side, side, 3], tf.uint8))
 
 
 def build_signatures(model: SimSiam, config: TrainConfig, output: str = "features"):

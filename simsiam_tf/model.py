@@ -195,12 +195,17 @@ class SimSiam(keras.Model):
     Build it with `build_simsiam`, inside the distribution strategy's scope.
     """
 
-    def __init__(self, backbone, projector, predictor, stop_gradient=True, **kwargs):
+    def __init__(self, backbone, projector, predictor, stop_gradient=True, view_augment=None, augment_seed=0, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.projector = projector
         self.predictor = predictor
         self.stop_gradient = stop_gradient
+        # --augment-on device: the batches hold uint8 crops, and this layer (an
+        # `augment.ViewAugment`) finishes each view on the replica's device, with
+        # stateless seeds from (augment_seed, step, replica).
+        self.view_augment = view_augment
+        self.augment_seed = augment_seed
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
         # MultiWorkerMirroredStrategy + fit() reduces the logged scalars along axis 0
@@ -224,8 +229,22 @@ class SimSiam(keras.Model):
         p2 = self.predictor(z2, training=training)
         return p1, p2, z1, z2
 
+    def augment_views(self, x1, x2):
+        """Flip, colour jitter, grayscale, blur and normalise two batches of uint8 crops.
+
+        Seeds differ per step, per replica and per view, so no two replicas (or
+        workers) draw the same parameters for their images.
+        """
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        seed = tf.stack([tf.constant(self.augment_seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+        seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica, tf.int64))
+        seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        return self.view_augment(x1, seed=seed1), self.view_augment(x2, seed=seed2)
+
     def train_step(self, data):
         x1, x2 = split_views(data)
+        if self.view_augment is not None:
+            x1, x2 = self.augment_views(x1, x2)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             p1, p2, z1, z2 = self.forward_pair(x1, x2, training=True)
@@ -260,6 +279,14 @@ def build_simsiam(config, sync_bn: bool = False) -> SimSiam:
     feat_dim = backbone.output.shape[-1]
     projector = build_projector(feat_dim, config.proj_dim, config.proj_layers, dtype, sync_bn)
     predictor = build_predictor(config.proj_dim, config.pred_dim, dtype, sync_bn)
-    model = SimSiam(backbone, projector, predictor, stop_gradient=config.stop_gradient, name="simsiam")
+    view_augment = None
+    if config.augment_on == "device":
+        from simsiam_tf import augment as aug  # keras-cv: only when it is used
+
+        view_augment = aug.ViewAugment(aug.AugmentSpec.for_image_size(config.image_size))
+    model = SimSiam(
+        backbone, projector, predictor, stop_gradient=config.stop_gradient,
+        view_augment=view_augment, augment_seed=config.seed, name="simsiam",
+    )
     model(tf.zeros([2, config.image_size, config.image_size, 3]))
     return model

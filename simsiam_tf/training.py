@@ -20,6 +20,7 @@ from simsiam_tf import augment as aug
 from simsiam_tf import callbacks as cb
 from simsiam_tf import data as data_lib
 from simsiam_tf import distribute
+from simsiam_tf import inputs
 from simsiam_tf.diagnostics import probe as diag_probe
 from simsiam_tf.diagnostics import projector
 from simsiam_tf.config import TrainConfig, TrainingDiverged, UsageError, save_config
@@ -66,6 +67,52 @@ def check_batch(config: TrainConfig, num_train: int, replicas: int) -> None:
         )
 
 
+def reporting_callbacks(
+    config: TrainConfig,
+    logdir: str,
+    training_input,
+    steps: int,
+    initial_epoch: int,
+    previous: dict | None,
+    chief: bool,
+) -> tuple[list[keras.callbacks.Callback], cb.RunSummary]:
+    """The callbacks that measure and record a run, in the order they must run
+    (see `callbacks`: each adds to the epoch's logs what the later ones record)."""
+    previous = previous or {}
+    spec = aug.AugmentSpec.for_image_size(config.image_size)
+    knn = None
+    if config.knn_every and training_input.has_knn_splits:
+        bank = training_input.eval_images("train", config.knn_train_limit)
+        test = training_input.eval_images("test")
+        num_classes = len(training_input.class_names) or None
+        knn = cb.KnnMonitor(
+            cb.KnnProbe(bank, test, config.image_size, config.knn_k, config.knn_temperature, num_classes),
+            config.knn_every, config.epochs, initial_epoch, is_chief=chief,
+            initial_top1=previous.get("knn_top1_init"),
+        )
+    elif config.knn_every:
+        print(
+            "note: kNN monitoring is skipped: it needs labelled train and test splits "
+            "(PATH/train/<class>/* and PATH/test/<class>/*)",
+            file=sys.stderr,
+        )
+    callbacks = [cb.EpochTimer()]
+    if knn is not None:
+        callbacks.append(knn)
+    callbacks.append(
+        cb.BestCheckpoint(logdir, chief, previous.get("knn_top1_best"), previous.get("knn_best_epoch"))
+    )
+    callbacks.append(cb.SkippedImages(training_input, previous.get("skipped_images", 0)))
+    if config.diag_every:
+        probe_images, _ = training_input.eval_images("train", config.diag_images).materialize()
+        callbacks.append(diag_probe.DiagnosticsCallback(logdir, config, probe_images, steps, initial_epoch, is_chief=chief))
+    view_pairs = training_input.preview(spec, config.seed) if chief else None
+    callbacks.append(cb.TensorBoardLogger(logdir, steps, config.log_every_steps, view_pairs, knn, is_chief=chief))
+    summary = cb.RunSummary(logdir, config, steps, knn, previous, is_chief=chief, input_kind=training_input.kind)
+    callbacks.append(summary)
+    return callbacks, summary
+
+
 def run(
     config: TrainConfig,
     logdir: str,
@@ -77,7 +124,9 @@ def run(
 ) -> dict:
     """Train SimSiam as `config` says, writing everything into `logdir`.
 
-    Returns the summary dict that is also written to `logdir/summary.json`.
+    `data` (tests) is an `ImageData` or a training input to use instead of loading
+    `config.dataset`. Returns the summary dict that is also written to
+    `logdir/summary.json`.
 
     Raises:
         UsageError: bad input, detected before anything is written.
@@ -86,6 +135,7 @@ def run(
     if strategy is None:
         strategy = distribute.make_strategy(config.strategy, config.cpu_replicas)
     replicas = strategy.num_replicas_in_sync
+    workers = distribute.num_workers(strategy)
     chief = distribute.is_chief(strategy)
     if config.precision == "auto":  # config.json records the precision actually used
         precision, reason = distribute.resolve_precision(config.precision, strategy)
@@ -95,17 +145,29 @@ def run(
     if chief:  # other workers find the chief's files there: that is expected
         check_logdir(logdir, resume)
     if data is None:
-        data = data_lib.load(config.dataset, config.image_size, config.data_dir, config.train_limit)
-    if data.skipped:
-        shown = ", ".join(data.skipped[:3])
+        kind, reason = inputs.resolve_input(config)
+        config = config.replace(input=kind)  # config.json records the input actually used
+        if verbose and chief:
+            print(f"input: {kind} ({reason})", flush=True)
+        training_input = inputs.open_input(config, kind)
+    else:
+        training_input = data_lib.MemoryInput(data, config.image_size) if isinstance(data, data_lib.ImageData) else data
+        config = config.replace(input=training_input.kind)
+    if training_input.skipped:
+        shown = ", ".join(training_input.skipped[:3])
         print(
-            f"warning: skipped {len(data.skipped)} file(s) that could not be decoded: {shown}"
-            + (" ..." if len(data.skipped) > 3 else ""),
+            f"warning: skipped {len(training_input.skipped)} file(s) that could not be decoded: {shown}"
+            + (" ..." if len(training_input.skipped) > 3 else ""),
             file=sys.stderr,
         )
-    check_batch(config, len(data.train_images), replicas)
+    check_batch(config, training_input.num_train, replicas)
+    steps = training_input.steps_per_epoch(config.batch_size, workers)
+    if steps < 1:
+        raise UsageError(
+            f"--batch-size {config.batch_size} is larger than the images each of the {workers} workers reads "
+            "per epoch; use a smaller --batch-size"
+        )
 
-    steps = data_lib.steps_per_epoch(len(data.train_images), config.batch_size)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_simsiam(config, sync_bn=replicas > 1)
@@ -133,36 +195,21 @@ def run(
         print(f"{logdir}: all {config.epochs} epochs are already done", flush=True)
         return previous or {}
 
-    augment = aug.SimSiamAugment(aug.AugmentSpec.for_image_size(config.image_size))
-    pairs = data_lib.distributed_pairs(
-        strategy, data.train_images, config.batch_size, augment, config.seed, config.epochs, initial_epoch
+    spec = aug.AugmentSpec.for_image_size(config.image_size)
+    pairs = training_input.pairs(
+        strategy, config.batch_size, spec, config.seed, config.epochs, initial_epoch, config.augment_on
     )
-    probe = None
-    if config.knn_every and data.has_knn_splits:
-        probe = cb.KnnProbe(data, config.image_size, config.knn_k, config.knn_temperature, config.knn_train_limit)
-    elif config.knn_every:
-        print(
-            "note: kNN monitoring is skipped: it needs labelled train and test splits "
-            "(PATH/train/<class>/* and PATH/test/<class>/*)",
-            file=sys.stderr,
-        )
-    preview = data_lib.pair_dataset(data.train_images[:8], 8, augment, config.seed, 1) if len(data.train_images) >= 8 else None
-    view_pairs = tuple(v.numpy() for v in next(iter(preview))) if preview is not None else None
-
-    monitor = cb.TrainingMonitor(
-        logdir, config, steps, probe, view_pairs, previous_summary=previous, is_chief=chief,
-        initial_epoch=initial_epoch,
-    )
-    # The guard runs first, so a NaN step is flagged before anything saves.
-    callbacks = [cb.DivergenceGuard(), cb.AtomicBackupAndRestore(backup_dir, restore_dir), monitor, *extra_callbacks]
-    if config.diag_every:
-        callbacks.append(
-            diag_probe.DiagnosticsCallback(logdir, config, data.train_images, steps, initial_epoch, is_chief=chief)
-        )
+    reporting, monitor = reporting_callbacks(config, logdir, training_input, steps, initial_epoch, previous, chief)
+    # The guard runs first, so a NaN step is flagged before anything saves; the progress
+    # bar prints each epoch's training logs before the reporting callbacks add theirs.
+    callbacks = [
+        cb.DivergenceGuard(), cb.AtomicBackupAndRestore(backup_dir, restore_dir), keras.callbacks.ProgbarLogger(),
+        *reporting, *extra_callbacks,
+    ]
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     print(
-        f"Training SimSiam ({config.preset} preset) on {data.name}: {len(data.train_images):,} images, "
+        f"Training SimSiam ({config.preset} preset) on {training_input.name}: {training_input.num_train:,} images, "
         f"{steps} steps/epoch, epochs {initial_epoch + 1}-{config.epochs}, global batch {config.batch_size} "
         f"on {replicas} replica(s), lr {config.lr:g}, logdir {logdir}",
         flush=True,
@@ -175,7 +222,7 @@ def run(
             steps_per_epoch=steps,
             callbacks=callbacks,
             verbose=verbose,
-            shuffle=False,  # pair_dataset orders batches itself, from the seed
+            shuffle=False,  # the pipelines order batches themselves, from the seed
         )
     except OSError as e:
         if e.errno != errno.ENOSPC and "No space left" not in str(e):
@@ -185,6 +232,8 @@ def run(
             f"(epoch {cb.completed_epochs(backup_dir)}) is intact in {backup_dir}. Free space, then "
             f"continue with --resume {logdir}"
         )
+    except tf.errors.DataLossError as e:
+        raise UsageError(_damaged_data_message(training_input, e, backup_dir, logdir))
 
     if model.diverged:
         d = model.diverged
@@ -193,10 +242,11 @@ def run(
             f"training stopped; the last good checkpoint (epoch {cb.completed_epochs(backup_dir)}) is in "
             f"{backup_dir}. Lower --lr, or check the data"
         )
-    if chief and config.projector_images and data.has_knn_splits:
+    if chief and config.projector_images and training_input.has_knn_splits:
+        images, labels = training_input.eval_images("test", config.projector_images).materialize()
         projector.write_projector(
-            os.path.join(logdir, "tb"), model.backbone, data.test_images, data.test_labels,
-            data.class_names, config.image_size, config.projector_images,
+            os.path.join(logdir, "tb"), model.backbone, images, labels,
+            training_input.class_names, config.image_size, config.projector_images,
         )
     summary = monitor.summary
     if summary.get("knn_top1") is not None:
@@ -208,3 +258,20 @@ def run(
         )
     return summary
 
+
+def _damaged_data_message(training_input, error, backup_dir: str, logdir: str) -> str:
+    """The one line for a TFRecord shard that breaks mid-run (TensorFlow's error does
+    not name the file, so the shards are read to find it)."""
+    from simsiam_tf import records
+
+    shards = getattr(training_input.source, "all_shards", lambda: [])() if hasattr(training_input, "source") else []
+    damaged = records.find_damaged_shards(shards) if shards else []
+    what = (
+        "damaged TFRecord shard(s): " + "; ".join(f"{path} ({msg})" for path, msg in damaged)
+        if damaged
+        else f"damaged input data ({str(error).splitlines()[0][:160]})"
+    )
+    return (
+        f"{what}. The last complete checkpoint (epoch {cb.completed_epochs(backup_dir)}) is intact in "
+        f"{backup_dir}; rewrite or remove the shard (prepare.py), then continue with --resume {logdir}"
+    )

@@ -115,7 +115,8 @@ def test_smoke_fit_writes_all_artefacts(tmp_path):
     assert summary["epochs_completed"] == 2 and len(summary["history"]) == 2
     with open(os.path.join(logdir, "summary.json")) as f:
         assert json.load(f)["epochs_completed"] == 2
-    assert load_config(os.path.join(logdir, "config.json")) == _tiny()
+    # config.json records what --input auto chose.
+    assert load_config(os.path.join(logdir, "config.json")) == _tiny().replace(input="memory")
     for path in ("checkpoints/last/latest.weights.h5", "checkpoints/best/model.weights.h5", "checkpoints/best/info.json"):
         assert os.path.exists(os.path.join(logdir, path)), path
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(logdir, "tb")))
@@ -192,4 +193,4 @@ def test_resume_refuses_a_changed_configuration(tmp_path):
     training.run(_tiny(epochs=1), logdir, verbose=0)
     with pytest.raises(UsageError, match="these flags differ: batch_size=64"):
         rundir.resolve_resume(logdir, {"batch_size": 64})
-    assert rundir.resolve_resume(logdir, {"batch_size": 32}) == _tiny(epochs=1)
+    assert rundir.resolve_resume(logdir, {"batch_size": 32}) == _tiny(epochs=1).replace(input="memory")
