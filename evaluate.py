@@ -41,7 +41,11 @@ def build_parser():
     source.add_argument("--run", help="run directory written by train.py")
     source.add_argument("--saved-model", help="SavedModel version written by export.py (EXPORT_DIR/N, or EXPORT_DIR for the latest)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="with --run: which checkpoint")
-    p.add_argument("--dataset", help="digits, folder:PATH or a tensorflow-datasets name (default: the run's; digits for --saved-model)")
+    p.add_argument(
+        "--dataset",
+        help="digits, folder:PATH, tfrecord:GLOB or a tensorflow-datasets name (default: the run's; digits for "
+        "--saved-model). Read in memory or streamed, as train.py --input auto chooses",
+    )
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     p.add_argument("--train-limit", type=_count, default=0, help="use a fixed random subset of N training images (0 = all)")
     p.add_argument("--json", help="where to write the results (default: RUN/evaluation.json, or ./evaluation.json)")
@@ -55,7 +59,7 @@ def main(argv=None) -> int:
     try:
         if args.run and not os.path.isdir(args.run):
             raise UsageError(f"--run {args.run!r} is not a directory")
-        from simsiam_tf import data as data_lib  # imports TensorFlow: only for a plausible command
+        from simsiam_tf import inputs  # imports TensorFlow: only for a plausible command
         from simsiam_tf.diagnostics import evaluation
 
         if args.run:
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
         out_dir = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(out_dir):
             raise UsageError(f"--json {out!r}: directory {out_dir!r} does not exist")
-        data = data_lib.load(dataset, source["image_size"], data_dir, args.train_limit)
+        data = inputs.open_eval_input(dataset, source["image_size"], data_dir, args.train_limit)
         result = {"source": source, **evaluation.evaluate(embed, data)}
         write_json_atomic(out, result)
     except UsageError as e:

@@ -81,3 +81,10 @@ def open_input(config: TrainConfig, kind: str):
     from simsiam_tf import stream
 
     return stream.StreamInput(stream.open_source(config.dataset, config.data_dir, config.train_limit), config.image_size)
+
+
+def open_eval_input(dataset: str, image_size: int, data_dir: str | None = None, train_limit: int = 0):
+    """The input `evaluate.py` reads `dataset` through, chosen as `--input auto` would."""
+    config = TrainConfig(dataset=dataset, image_size=image_size, data_dir=data_dir, train_limit=train_limit)
+    kind, _ = resolve_input(config)
+    return open_input(config, kind)

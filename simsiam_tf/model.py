@@ -284,6 +284,7 @@ def build_simsiam(config, sync_bn: bool = False) -> SimSiam:
         from simsiam_tf import augment as aug  # keras-cv: only when it is used
 
         view_augment = aug.ViewAugment(aug.AugmentSpec.for_image_size(config.image_size))
+        view_augment.build((None, config.image_size, config.image_size, 3))  # no weights; marks it built
     model = SimSiam(
         backbone, projector, predictor, stop_gradient=config.stop_gradient,
         view_augment=view_augment, augment_seed=config.seed, name="simsiam",

@@ -212,3 +212,87 @@ def test_eval_preprocess_resizes_any_size_and_matches_stored_images():
     assert out.shape == (3, 32, 32, 3)
     stored = aug.resize_uint8(images, 32).numpy()
     np.testing.assert_allclose(aug.eval_preprocess(stored, 32).numpy(), out, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# The two placements of the photometric steps: tf.data on the host (batched for the
+# in-memory path, per image for the streaming path) and train_step on the device
+# (`ViewAugment`, batched or per image). Same parameters, same views; and the same
+# application rates measured on the output pixels, whichever runs.
+
+
+def _placements(spec):
+    """name -> fn(uint8 crops [B, S, S, 3], seed) -> views, for every placement."""
+
+    def stream_host(images, seed):
+        seeds = tf.random.experimental.stateless_split(seed, len(images))
+        return tf.stack([aug.photometric_image(images[i], aug.image_params(seeds[i], spec), spec) for i in range(len(images))])
+
+    return {
+        "device, batched": lambda x, s: aug.ViewAugment(spec, per_image=False)(x, seed=s),
+        "device, per image": lambda x, s: aug.ViewAugment(spec, per_image=True)(x, seed=s),
+        "stream host, per image": stream_host,
+    }
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_per_image_and_batched_photometric_give_the_same_views(size):
+    spec = aug.AugmentSpec.for_image_size(size)
+    images = tf.constant(_images(12, size, seed=4))
+    params = aug.draw_params(tf.constant([5, 6], tf.int64), 12, spec)
+    batched = aug.photometric_batch(images, params, spec).numpy()
+    for i in range(12):
+        one = aug.photometric_image(images[i], {k: v[i] for k, v in params.items()}, spec).numpy()
+        np.testing.assert_allclose(one, batched[i], atol=1e-5)
+    layer = aug.ViewAugment(spec, per_image=True)(images, seed=tf.constant([5, 6], tf.int64)).numpy()
+    np.testing.assert_allclose(layer, batched, atol=1e-5)
+
+
+def test_every_placement_applies_flip_jitter_and_grayscale_at_the_papers_rates():
+    """Measured on output pixels. A grey image, dark left half and bright right half:
+    it is flipped iff its left is brighter; jitter changes its grey levels, nothing else
+    does (saturation and hue leave grey alone, grayscale keeps grey); a colour image
+    shows grayscale as equal channels."""
+    n, size = 2000, 16
+    spec = aug.AugmentSpec(image_size=size)
+    grey = np.full((n, size, size, 3), 200, np.uint8)
+    grey[:, :, : size // 2] = 50
+    colour = np.broadcast_to(np.array([200, 40, 90], np.uint8), (n, size, size, 3)).copy()
+    rates = {}
+    for name, fn in _placements(spec).items():
+        x = fn(tf.constant(grey), tf.constant([1, 7], tf.int64)).numpy() * aug.IMAGENET_STD + aug.IMAGENET_MEAN
+        left, right = x[:, :, : size // 2].mean(axis=(1, 2, 3)), x[:, :, size // 2 :].mean(axis=(1, 2, 3))
+        values = np.sort(np.round([left, right], 4).T, axis=1)
+        jittered = np.abs(values - np.array([50, 200]) / 255).max(axis=1) > 1e-3
+        c = fn(tf.constant(colour), tf.constant([2, 7], tf.int64)).numpy() * aug.IMAGENET_STD + aug.IMAGENET_MEAN
+        gray = np.abs(c[..., 0] - c[..., 1]).max(axis=(1, 2)) < 1e-4
+        rates[name] = (np.mean(left > right), np.mean(jittered), np.mean(gray))
+        for measured, p in zip(rates[name], (0.5, 0.8, 0.2)):
+            assert measured == pytest.approx(p, abs=0.035), (name, rates[name])
+    # The memory path's layer, for comparison on the same measures.
+    layer = aug.SimSiamAugment(aug.AugmentSpec(image_size=size, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0)))
+    x = layer(tf.constant(grey), seed=tf.constant([3, 7], tf.int64)).numpy() * aug.IMAGENET_STD + aug.IMAGENET_MEAN
+    assert np.mean(x[:, :, : size // 2].mean(axis=(1, 2, 3)) > x[:, :, size // 2 :].mean(axis=(1, 2, 3))) == pytest.approx(0.5, abs=0.035)
+
+
+def test_device_augmentation_draws_other_views_on_each_replica(mirrored):
+    """Under MirroredStrategy both replicas get the same crops here; their views differ,
+    because the seed folds in the replica id."""
+    from simsiam_tf.config import make_config
+    from simsiam_tf.model import build_simsiam
+
+    config = make_config("digits", augment_on="device", width=4, proj_dim=16, pred_dim=8)
+    with mirrored.scope():
+        model = build_simsiam(config, sync_bn=True)
+        model.compile(optimizer="sgd")
+        model.optimizer.build(model.trainable_variables)
+    crops = tf.constant(_images(4, 32))
+
+    @tf.function
+    def views():
+        return mirrored.run(lambda: model.augment_views(crops, crops))
+
+    x1, x2 = views()
+    a, b = [v.numpy() for v in mirrored.experimental_local_results(x1)]
+    assert a.shape == (4, 32, 32, 3) and np.abs(a - b).mean() > 0.05
+    assert np.abs(a - mirrored.experimental_local_results(x2)[0].numpy()).mean() > 0.05  # and per view

@@ -98,27 +98,41 @@ def saved_model_encoder(path: str, batch_size: int = 256) -> tuple[Embed, dict]:
     return embed, info
 
 
+def _embed_split(embed: Embed, split) -> tuple[np.ndarray, np.ndarray]:
+    features, labels = [], []
+    for images, batch_labels in split.batches(256):
+        features.append(embed(images))
+        labels.append(batch_labels)
+    return np.concatenate(features), np.concatenate(labels)
+
+
 def evaluate(embed: Embed, data, k: int = 200, temperature: float = 0.1) -> dict:
-    """kNN and linear-probe top-1 of `embed` on `data` (an `ImageData` with labels).
+    """kNN and linear-probe top-1 of `embed` on `data` with labels.
+
+    `data` is an `ImageData`, or a training input (`data.MemoryInput`,
+    `stream.StreamInput`) whose splits are embedded batch by batch.
 
     Raises:
         UsageError: the dataset lacks labelled train and test splits.
     """
-    if not data.has_knn_splits:
+    from simsiam_tf.data import ImageData, MemoryInput
+
+    source = MemoryInput(data, 0) if isinstance(data, ImageData) else data
+    if not source.has_knn_splits:
         raise UsageError(
-            f"{data.name} has no labelled test split; evaluation needs labelled train and test "
+            f"{source.name} has no labelled test split; evaluation needs labelled train and test "
             "splits (for a folder: PATH/train/<class>/* and PATH/test/<class>/*)"
         )
     started = time.time()
-    train = embed(data.train_images)
-    test = embed(data.test_images)
+    train, train_labels = _embed_split(embed, source.eval_images("train"))
+    test, test_labels = _embed_split(embed, source.eval_images("test"))
     embed_seconds = time.time() - started
-    num_classes = int(max(data.train_labels.max(), data.test_labels.max()) + 1)
-    knn_top1 = knn.knn_accuracy(train, data.train_labels, test, data.test_labels, num_classes, k, temperature)
+    num_classes = int(max(train_labels.max(), test_labels.max()) + 1)
+    knn_top1 = knn.knn_accuracy(train, train_labels, test, test_labels, num_classes, k, temperature)
     probe_started = time.time()
-    probe = linear_probe(train, data.train_labels, test, data.test_labels)
+    probe = linear_probe(train, train_labels, test, test_labels)
     return {
-        "dataset": data.name,
+        "dataset": source.name,
         "train_images": int(len(train)),
         "test_images": int(len(test)),
         "embedding_dim": int(train.shape[1]),
