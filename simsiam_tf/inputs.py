@@ -35,6 +35,8 @@ def _count_images(config: TrainConfig) -> int:
         return len(found.train_files) + len(found.test_files)
     builder = data_lib.tfds_builder(config.dataset, config.data_dir)
     splits = builder.info.splits
+    if "train" not in splits:  # no split metadata (tfds.testing.mock_data): count unknown
+        return 0
     train = splits["train"].num_examples
     if config.train_limit:
         train = min(train, config.train_limit)
