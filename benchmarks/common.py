@@ -62,6 +62,65 @@ def report(name: str, rows: list[dict], columns: list[tuple[str, str]], extra: d
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3f}"
     return str(value)
+
+
+# ImageNet's typical image: about 500 x 375, JPEG. CIFAR-10 upscaled to that size and
+# re-encoded, so that decode and crop costs are those of photos (docs/data.md).
+PHOTO_SIZE = (375, 500)  # height, width
+PHOTO_QUALITY = 90
+
+
+def photo_folder(count: int, grain: float = 0.0) -> str:
+    """A folder train/<class>/*.jpg (and test/, a quarter as many) of the first `count`
+    CIFAR-10 training images (spread over the classes) upscaled to 500 x 375 (bicubic)
+    and re-encoded as JPEG at quality 90, with Gaussian grain of std `grain` added when
+    given (upscaled CIFAR is smoother than a photo, so it decodes faster; grain brings
+    the file size towards ImageNet's ~110 KB).
+
+    Made once in the system's temp dir and reused; never inside the repository.
+    """
+    import tempfile
+
+    import numpy as np
+    import tensorflow as tf
+
+    root = os.path.join(tempfile.gettempdir(), "simsiam-tf-bench", f"cifar-{count}-500x375-q90-grain{grain:g}")
+    done = os.path.join(root, ".complete")
+    if os.path.exists(done):
+        return root
+    classes = sorted(os.listdir(os.path.join(CIFAR, "train")))
+    jobs = []
+    for split, n in (("train", count), ("test", max(len(classes), count // 4))):
+        per_class = -(-n // len(classes))
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for name in sorted(os.listdir(os.path.join(CIFAR, split, c)))[:per_class]:
+                jobs.append((os.path.join(CIFAR, split, c, name), os.path.join(root, split, c, name)))
+
+    def convert(src, dst):
+        image = tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(src), channels=3), PHOTO_SIZE, method="bicubic")
+        if grain:
+            seed = tf.stack([tf.strings.to_hash_bucket_fast(dst, 2**31), 0])
+            image += tf.random.stateless_normal(tf.shape(image), tf.cast(seed, tf.int64), stddev=grain)
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        with tf.control_dependencies([tf.io.write_file(dst, tf.io.encode_jpeg(image, quality=PHOTO_QUALITY))]):
+            return tf.constant(0)
+
+    srcs, dsts = zip(*jobs)
+    ds = tf.data.Dataset.from_tensor_slices((list(srcs), list(dsts))).map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+    for _ in ds:
+        pass
+    open(done, "w").close()
+    return root
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

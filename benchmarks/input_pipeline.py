@@ -1,6 +1,6 @@
 """Augmented view pairs per second, per CPU core, for the SimSiam input pipeline.
 
-    python benchmarks/input_pipeline.py            # 32, 96 and 224 px
+    python benchmarks/input_pipeline.py            # 32, 96 and 224 px, then photos at 224 px
     python benchmarks/input_pipeline.py --quick    # fewer batches
 
 Three pipelines, all producing two augmented views per image, batch 256:
@@ -13,6 +13,17 @@ Three pipelines, all producing two augmented views per image, batch 256:
   layers run one image at a time.
 At 32 px the images are CIFAR-10 from ../shared/datasets/cifar10; at 96 and 224 px the
 same images upscaled (and, for the jpeg rows, re-encoded as JPEG at quality 90).
+
+Then photos at 224 px (`--photos N`, 0 to skip): CIFAR-10 upscaled to ImageNet's typical
+500 x 375 and re-encoded as JPEG quality 90 in a temp dir (`common.photo_folder`), read
+by each training input with each placement of the augmentation:
+- memory: decoded once into memory (`data.MemoryInput`: the centre 256 x 256 square),
+  augmented on the batch;
+- stream folder / stream tfrecord: read every time (`stream.StreamInput`), each image
+  decoded only at its two crops, drawn on the 500 x 375 original; the TFRecord shards
+  are written by `records.write_records` (what prepare.py runs);
+- work "full": the whole augmentation in tf.data (`--augment-on host`); "crops": decode,
+  crop and resize only, what `--augment-on device` leaves to the CPU.
 Per-core figures divide by the machine's cores, which tf.data uses in parallel.
 """
 
@@ -24,13 +35,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, report  # noqa: E402
+from common import CIFAR, photo_folder, report  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from simsiam_tf import augment as aug  # noqa: E402
 from simsiam_tf import data as data_lib  # noqa: E402
+from simsiam_tf import records, stream  # noqa: E402
 
 BATCH = 256
 
@@ -95,20 +107,53 @@ def load_cifar(count: int) -> tuple[np.ndarray, list[bytes]]:
     return images, raw
 
 
+def photo_pipelines(count: int, grain: float = 0.0):
+    """(input, work, dataset) at 224 px for each training input and placement."""
+    import tempfile
+
+    size = 224
+    spec = aug.AugmentSpec.for_image_size(size)
+    root = photo_folder(count, grain)
+    shards = os.path.join(tempfile.gettempdir(), "simsiam-tf-bench", f"shards-{os.path.basename(root)}")
+    if records.read_index(shards) is None:
+        records.write_records(root, shards, shards=16, overwrite=True)
+    memory = data_lib.MemoryInput(data_lib.load_folder(root, size), size)
+    inputs = {
+        "memory": lambda on: memory.pairs(tf.distribute.get_strategy(), BATCH, spec, 0, 10_000, 0, on),
+        "stream folder": lambda on: stream.StreamInput(stream.FolderSource(root), size).worker_pairs(
+            BATCH, spec, 0, 10_000, augment_on=on),
+        "stream tfrecord": lambda on: stream.StreamInput(stream.TFRecordSource(shards), size).worker_pairs(
+            BATCH, spec, 0, 10_000, augment_on=on),
+    }
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(root, "train")) for f in fs]
+    for name, make in inputs.items():
+        for work, on in (("full", "host"), ("crops", "device")):
+            yield name, work, make(on), float(np.mean(sizes)) / 1024
+
+
 def main(argv=None) -> int:
+    global BATCH
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer batches, 32 and 96 px only")
+    p.add_argument("--quick", action="store_true", help="fewer batches, 32 and 96 px only, 256 photos")
     p.add_argument("--sizes", default=None, help="comma-separated sizes (default 32,96,224)")
+    p.add_argument("--photos", type=int, default=None, help="photos for the 224 px inputs (default 2048; 0: skip)")
+    p.add_argument("--grain", type=float, default=0.0, help="noise std added to the photos (bigger JPEGs)")
+    p.add_argument("--batch", type=int, default=BATCH, help=f"pairs per batch (default {BATCH})")
     args = p.parse_args(argv)
     if not os.path.isdir(CIFAR):
         print(f"input_pipeline.py: error: CIFAR-10 folder not found at {CIFAR}", file=sys.stderr)
         return 2
-    sizes = [int(s) for s in (args.sizes or ("32,96" if args.quick else "32,96,224")).split(",")]
+    if args.batch < 2 or (args.photos is not None and args.photos < 0):
+        print("input_pipeline.py: error: --batch must be at least 2 and --photos at least 0", file=sys.stderr)
+        return 2
+    BATCH = args.batch
+    sizes = [int(s) for s in (args.sizes or ("32,96" if args.quick else "32,96,224")).split(",") if s]
     batches = {32: 40, 96: 12, 224: 4} if not args.quick else {32: 10, 96: 4, 224: 2}
     naive_batches = {32: 6, 96: 3, 224: 2} if not args.quick else {32: 2, 96: 1, 224: 1}
-    base, base_jpegs = load_cifar(2048)
     cores = os.cpu_count()
     rows = []
+    if sizes:
+        base, base_jpegs = load_cifar(2048)
     for size in sizes:
         if size == 32:
             images, jpegs = base, base_jpegs
@@ -124,14 +169,26 @@ def main(argv=None) -> int:
             rate = _rate(ds, count)
             rows.append({"size": size, "pipeline": name, "pairs_per_s": rate, "pairs_per_s_per_core": rate / cores})
             print(f"  {size:>3} px  {name:<15} {rate:>9,.0f} pairs/s  ({rate / cores:,.0f} per core)", flush=True)
+    extra = {"batch": BATCH}
     cached32 = next((r for r in rows if r["size"] == 32 and r["pipeline"] == "cached"), None)
     naive32 = next((r for r in rows if r["size"] == 32 and r["pipeline"] == "naive keras-cv"), None)
-    extra = {"batch": BATCH}
     if cached32 and naive32:
         extra["cached_over_naive_32px"] = round(cached32["pairs_per_s"] / naive32["pairs_per_s"], 2)
+    photos = args.photos if args.photos is not None else (256 if args.quick else 2048)
+    if photos:
+        count = 2 if args.quick else 8
+        for name, work, ds, kib in photo_pipelines(photos, args.grain):
+            rate = _rate(ds, count, warmup=2)
+            rows.append({
+                "size": 224, "pipeline": name, "work": work, "pairs_per_s": rate,
+                "pairs_per_s_per_core": rate / cores, "photo_kib": round(kib, 1),
+            })
+            print(f"  224 px  {name:<15} {work:<5} {rate:>9,.0f} pairs/s  ({rate / cores:,.0f} per core)", flush=True)
+        extra.update(photos=photos, grain=args.grain, photo_size="500x375", photo_quality=90)
     report(
         "input_pipeline", rows,
-        [("size", "px"), ("pipeline", "pipeline"), ("pairs_per_s", "pairs/s"), ("pairs_per_s_per_core", "pairs/s/core")],
+        [("size", "px"), ("pipeline", "pipeline"), ("work", "work"), ("pairs_per_s", "pairs/s"),
+         ("pairs_per_s_per_core", "pairs/s/core")],
         extra,
     )
     return 0

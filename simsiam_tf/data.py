@@ -346,7 +346,7 @@ def _check_memory(count: int, image_size: int, fraction: float, what: str) -> No
         raise UsageError(
             f"{what}: {count:,} images at {image_size} px need {needed / 2**30:.1f} GiB in memory, "
             f"more than {fraction:.0%} of this machine's {total / 2**30:.0f} GiB; "
-            "use a smaller --image-size or a subset of the images"
+            "stream it from disk with --input stream (or auto), or use a smaller --image-size"
         )
 
 

@@ -84,7 +84,14 @@ class Split:
 
 
 class FolderSource:
-    """Image files in a folder (`data.scan_folder`)."""
+    """Image files in a folder (`data.scan_folder`).
+
+    Every source has the same methods: `splits` (count, labelled), `class_names`,
+    `worker_counts(workers)`, `epoch_records(seed, epoch, worker, workers)` (one worker's
+    (item, label) records of one epoch, in that epoch's order), `load(item)` (the
+    encoded image of an item: a file read here, the record itself for shards) and
+    `eval_records(split, limit)` ((encoded image, label) in a fixed order).
+    """
 
     def __init__(self, path: str, train_limit: int = 0):
         found = data_lib.scan_folder(path, train_limit)
@@ -112,11 +119,13 @@ class FolderSource:
             tf.range(n, dtype=tf.int32), seed=_epoch_seed(seed, epoch, 0)
         )
         mine = tf.reshape(order[: (n // workers) * workers], [-1, workers])[:, worker]
-        return tf.data.Dataset.from_tensor_slices((tf.gather(paths, mine), tf.gather(labels, mine))).map(
-            lambda path, label: (tf.io.read_file(path), label),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
+        return tf.data.Dataset.from_tensor_slices((tf.gather(paths, mine), tf.gather(labels, mine)))
+
+    @staticmethod
+    def load(path: tf.Tensor) -> tf.Tensor:
+        """The encoded image of a record (a path): read where decoding errors are caught,
+        so an unreadable file is skipped like an undecodable one."""
+        return tf.io.read_file(path)
 
     def eval_records(self, split: str, limit: int = 0) -> tf.data.Dataset:
         keep = data_lib.subset(len(self._files[split]), limit)
@@ -207,6 +216,10 @@ class TFRecordSource:
     def worker_counts(self, workers: int) -> list[int]:
         return [self._worker_shards(w, workers)[1] for w in range(workers)]
 
+    @staticmethod
+    def load(raw: tf.Tensor) -> tf.Tensor:
+        return raw  # records hold the encoded image
+
     def epoch_records(self, seed: int, epoch, worker: int, workers: int) -> tf.data.Dataset:
         shards, _ = self._worker_shards(worker, workers)
         epoch_seed = _epoch_seed(seed, epoch, worker)
@@ -284,6 +297,10 @@ class TFDSSource:
                 f"fewer than the {workers} workers; use fewer workers or prepare it with more shards"
             )
         return [sum(i.take for i in instructions[w::workers]) for w in range(workers)]
+
+    @staticmethod
+    def load(raw: tf.Tensor) -> tf.Tensor:
+        return raw  # records hold the encoded image
 
     def epoch_records(self, seed: int, epoch, worker: int, workers: int) -> tf.data.Dataset:
         # Files are read in their fixed order (TFDS shuffled the examples when it wrote
@@ -442,7 +459,7 @@ class StreamInput:
                 # the run, as it must.
                 return (
                     tf.data.Dataset.from_tensors((index, record[0]))
-                    .map(lambda i, raw: (i, views(i, raw, epoch_seed)))
+                    .map(lambda i, item: (i, views(i, source.load(item), epoch_seed)))
                     .ignore_errors()
                 )
 
@@ -457,8 +474,11 @@ class StreamInput:
             images = decoded(records_.enumerate()).concatenate(decoded(records_.take(local_batch).enumerate(count)))
 
             def gap(previous, element):
+                # Images of the epoch missing between this one and the one before; the
+                # top-up (indices from `count` on) repeats images and is not counted.
                 index, pair = element
-                return index, (index - previous - 1, pair)
+                missed = tf.minimum(index, count) - tf.minimum(previous + 1, count)
+                return index, (missed, pair)
 
             def count_skipped(missed, pair):
                 with tf.control_dependencies([skipped.assign_add(missed)]):

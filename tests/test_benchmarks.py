@@ -31,14 +31,24 @@ def _positive(x):
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
-def test_input_pipeline_reports_all_three_pipelines(python, cifar_dir):
-    out = _run(python, "input_pipeline.py", "--quick", "--sizes", "32")
+def test_input_pipeline_reports_all_pipelines(python, cifar_dir):
+    out = _run(python, "input_pipeline.py", "--quick", "--sizes", "32", "--photos", "40", "--batch", "8")
     assert out["benchmark"] == "input_pipeline"
-    assert {r["pipeline"] for r in out["rows"]} == {"cached", "jpeg", "naive keras-cv"}
+    small = [r for r in out["rows"] if r["size"] == 32]
+    assert {r["pipeline"] for r in small} == {"cached", "jpeg", "naive keras-cv"}
+    photos = {(r["pipeline"], r["work"]) for r in out["rows"] if r["size"] == 224}
+    assert photos == {(p, w) for p in ("memory", "stream folder", "stream tfrecord") for w in ("full", "crops")}
     for r in out["rows"]:
-        assert r["size"] == 32 and _positive(r["pairs_per_s"])
+        assert _positive(r["pairs_per_s"])
         assert math.isclose(r["pairs_per_s_per_core"] * out["machine"]["cores"], r["pairs_per_s"])
-    assert _positive(out["cached_over_naive_32px"])
+    assert _positive(out["cached_over_naive_32px"]) and out["photo_size"] == "500x375"
+
+
+def test_stream_epoch_reports_rate_and_peak_memory(python, cifar_dir):
+    out = _run(python, "stream_epoch.py", "--images", "40", "--batch", "8", "--source", "tfrecord")
+    (row,) = out["rows"]
+    assert row["pairs"] == 40 and _positive(row["pairs_per_s_per_core"]) and _positive(row["peak_rss_mb"])
+    assert math.isclose(row["in_memory_would_need_mb"], 40 * 224 * 224 * 3 / 2**20)
 
 
 def test_train_step_reports_both_precisions_with_and_without_xla(python):

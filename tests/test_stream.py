@@ -211,7 +211,7 @@ def test_tfds_source_reads_records_undecoded_with_the_input_context(tmp_path):
     # is read by both (the records' bytes identify them).
     shares = []
     for w in (0, 1):
-        got = [r.numpy() for r, _ in source.epoch_records(0, tf.constant(0, tf.int64), w, 2)]
+        got = [r.numpy() for r, _ in source.epoch_records(0, tf.constant(0, tf.int64), w, 2)]  # the bytes
         assert len(got) == counts[w]
         shares.append(set(got))
     assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == 48
@@ -350,3 +350,19 @@ def test_memory_path_at_32px_is_unchanged():
     np.testing.assert_allclose(sums, golden["pair_sums"], atol=0.02)
     evaluated = aug.eval_preprocess(tf.constant(rng.integers(0, 256, (2, 40, 24, 3), dtype=np.uint8)), 32).numpy()
     np.testing.assert_allclose(evaluated.sum(axis=(1, 2)), golden["eval_sums"], atol=0.02)
+
+
+def test_a_hostile_folder_streams_like_it_loads(tmp_path):
+    """The folder of tests/test_reliability.py (empty, truncated and fake images, a link
+    loop; grey, RGBA, 16-bit, CMYK, a 10,000 px JPEG, a Latin-1 name): the stream decodes
+    at the crop exactly the files the in-memory path decodes, and counts the rest."""
+    from test_reliability import _hostile_folder
+
+    bad = _hostile_folder(tmp_path)
+    inp = stream.StreamInput(stream.FolderSource(str(tmp_path)), 32)
+    total = inp.num_train
+    assert total == 12 + bad  # every file is listed, the self-link "loop.jpg" too; "up" is no class
+    spec = aug.AugmentSpec(image_size=32)
+    views = [x1 for x1, _ in inp.worker_pairs(total, spec, seed=0, epochs=1, augment_on="device")]
+    assert len(views) == 1 and views[0].shape == (total, 32, 32, 3) and views[0].dtype == tf.uint8
+    assert inp.skipped_in_training() == bad

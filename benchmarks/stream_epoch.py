@@ -1,0 +1,81 @@
+"""One whole streaming epoch at 224 px: its rate and the process's peak memory.
+
+    python benchmarks/stream_epoch.py                      # all 50,000 CIFAR-10 images as photos
+    python benchmarks/stream_epoch.py --images 2048 --source tfrecord
+
+The images are CIFAR-10 upscaled to 500 x 375 and re-encoded as JPEG quality 90 in a
+temp dir (`common.photo_folder`; the first run writes them, about 2.5 GB for 50,000).
+The epoch is what training reads: `stream.StreamInput.worker_pairs` at batch 256, the
+whole augmentation on the host (or `--augment-on device`: decode, crop and resize
+only), every batch pulled to NumPy as `fit()` would. Peak RSS is the process's high
+water mark (ru_maxrss), sampled after every batch, so it includes TensorFlow itself.
+Held in memory at 224 px the same images would need images x 224 x 224 x 3 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import CIFAR, peak_rss_mb, photo_folder, report  # noqa: E402
+
+from simsiam_tf import augment as aug  # noqa: E402
+from simsiam_tf import records, stream  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=50_000, help="training images (default: all 50,000)")
+    p.add_argument("--source", default="folder", choices=("folder", "tfrecord"))
+    p.add_argument("--augment-on", default="host", choices=("host", "device"))
+    p.add_argument("--batch", type=int, default=256)
+    args = p.parse_args(argv)
+    if not os.path.isdir(CIFAR):
+        print(f"stream_epoch.py: error: CIFAR-10 folder not found at {CIFAR}", file=sys.stderr)
+        return 2
+    if args.images < args.batch or args.batch < 2:
+        print("stream_epoch.py: error: --images must be at least --batch, and --batch at least 2", file=sys.stderr)
+        return 2
+    size = 224
+    root = photo_folder(args.images)
+    if args.source == "tfrecord":
+        shards = root + "-shards"
+        if records.read_index(shards) is None:
+            records.write_records(root, shards, overwrite=True)
+        source = stream.TFRecordSource(shards)
+    else:
+        source = stream.FolderSource(root)
+    inp = stream.StreamInput(source, size)
+    steps = inp.steps_per_epoch(args.batch)
+    ds = inp.worker_pairs(args.batch, aug.AugmentSpec.for_image_size(size), 0, 1, augment_on=args.augment_on)
+    rss_start = peak_rss_mb()
+    started = time.perf_counter()
+    peak, done = rss_start, 0
+    for i, (x1, x2) in enumerate(ds):
+        x1.numpy(), x2.numpy()
+        done += args.batch
+        peak = max(peak, peak_rss_mb())
+        if i % 20 == 0:
+            print(f"  {done:,}/{steps * args.batch:,} pairs, peak RSS {peak:,.0f} MB", flush=True)
+    seconds = time.perf_counter() - started
+    cores = os.cpu_count()
+    row = {
+        "images": inp.num_train, "source": args.source, "augment_on": args.augment_on, "pairs": done,
+        "seconds": seconds, "pairs_per_s": done / seconds, "pairs_per_s_per_core": done / seconds / cores,
+        "peak_rss_mb": peak, "in_memory_would_need_mb": inp.num_train * size * size * 3 / 2**20,
+    }
+    report(
+        "stream_epoch", [row],
+        [("images", "images"), ("source", "source"), ("augment_on", "augment on"), ("seconds", "s"),
+         ("pairs_per_s_per_core", "pairs/s/core"), ("peak_rss_mb", "peak RSS MB"),
+         ("in_memory_would_need_mb", "in memory MB")],
+        {"batch": args.batch, "size": size, "skipped": inp.skipped_in_training()},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
