@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     global BATCH
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer batches, 32 and 96 px only, 256 photos")
-    p.add_argument("--sizes", default=None, help="comma-separated sizes (default 32,96,224)")
+    p.add_argument("--sizes", default=None, help='comma-separated sizes (default 32,96,224; "" for photos only)')
     p.add_argument("--photos", type=int, default=None, help="photos for the 224 px inputs (default 2048; 0: skip)")
     p.add_argument("--grain", type=float, default=0.0, help="noise std added to the photos (bigger JPEGs)")
     p.add_argument("--batch", type=int, default=BATCH, help=f"pairs per batch (default {BATCH})")
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
         print("input_pipeline.py: error: --batch must be at least 2 and --photos at least 0", file=sys.stderr)
         return 2
     BATCH = args.batch
-    sizes = [int(s) for s in (args.sizes or ("32,96" if args.quick else "32,96,224")).split(",") if s]
+    default = "32,96" if args.quick else "32,96,224"
+    sizes = [int(s) for s in (default if args.sizes is None else args.sizes).split(",") if s]
     batches = {32: 40, 96: 12, 224: 4} if not args.quick else {32: 10, 96: 4, 224: 2}
     naive_batches = {32: 6, 96: 3, 224: 2} if not args.quick else {32: 2, 96: 1, 224: 1}
     cores = os.cpu_count()
