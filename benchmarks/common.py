@@ -120,7 +120,16 @@ def photo_folder(count: int, grain: float = 0.0) -> str:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (Linux: ru_maxrss is in KiB)."""
+    """This process's peak resident memory so far, in MiB (Linux: ru_maxrss is in KiB)."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")

@@ -3,6 +3,8 @@
     python benchmarks/end_to_end.py                       # 3 epochs of 10 steps, batch 256
     python benchmarks/end_to_end.py --quick               # 2 epochs of 4 steps, batch 128
     python benchmarks/end_to_end.py --precision bfloat16
+    python benchmarks/end_to_end.py --input stream --augment-on device
+    python benchmarks/end_to_end.py --photos 2048 --backbone resnet50 --width 8   # 224 px photos, streamed
 
 Runs `simsiam_tf.training.run` (what train.py runs) on a fixed subset of
 ../shared/datasets/cifar10, kNN and diagnostics off, and records the time of every
@@ -21,7 +23,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, report  # noqa: E402
+from common import CIFAR, photo_folder, report  # noqa: E402
 from step_clock import StepClock, rss_mb  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -39,15 +41,25 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="steps per epoch")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=int, default=64)
+    p.add_argument("--backbone", default="resnet18", choices=("resnet18", "resnet50"),
+                   help="resnet18 is the CIFAR variant (no downsampling stem: far too costly at 224 px)")
+    p.add_argument("--input", default="memory", choices=("memory", "stream"))
+    p.add_argument("--augment-on", default="host", choices=("host", "device"))
+    p.add_argument("--photos", type=int, default=0,
+                   help="train at 224 px on N CIFAR-10 images upscaled to 500 x 375 photos, streamed")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.steps, args.batch = 2, 4, 128
     if not os.path.isdir(CIFAR):
         print(f"end_to_end.py: error: CIFAR-10 folder not found at {CIFAR}", file=sys.stderr)
         return 2
+    dataset, size, limit = f"folder:{CIFAR}", 32, args.steps * args.batch
+    if args.photos:
+        dataset, size, args.input = f"folder:{photo_folder(args.photos)}", 224, "stream"
     config = make_config(
-        "cifar", dataset=f"folder:{CIFAR}", precision=args.precision, epochs=args.epochs, batch_size=args.batch,
-        width=args.width, train_limit=args.steps * args.batch, knn_every=0, diag_every=0, projector_images=0,
+        "cifar", dataset=dataset, image_size=size, precision=args.precision, epochs=args.epochs,
+        batch_size=args.batch, width=args.width, backbone=args.backbone, train_limit=limit, knn_every=0, diag_every=0,
+        projector_images=0, input=args.input, augment_on=args.augment_on,
     )
     clock = StepClock()
     rss_start = rss_mb()
@@ -63,7 +75,10 @@ def main(argv=None) -> int:
 
     model = build_simsiam(config)
     model.compile(optimizer=make_optimizer(model, config, args.steps), jit_compile=False)
-    x = tf.random.normal([args.batch, 32, 32, 3])
+    if args.augment_on == "device":  # the step augments uint8 crops itself
+        x = tf.cast(tf.random.uniform([args.batch, size, size, 3], 0, 256, tf.int32), tf.uint8)
+    else:
+        x = tf.random.normal([args.batch, size, size, 3])
     constant = StepClock()
     model.fit(tf.data.Dataset.from_tensors((x, x)).repeat(), steps_per_epoch=args.steps, epochs=2,
               verbose=0, callbacks=[constant], shuffle=False)
@@ -80,8 +95,9 @@ def main(argv=None) -> int:
     ]
     report(
         "end_to_end", rows, [("measure", "measure"), ("value", "value")],
-        {"precision": args.precision, "batch": args.batch, "steps_per_epoch": args.steps, "epochs": args.epochs,
-         "width": args.width, "wall_s": round(wall, 1),
+        {"precision": args.precision, "input": args.input, "augment_on": args.augment_on, "image_size": size,
+         "batch": args.batch, "steps_per_epoch": args.steps, "epochs": args.epochs,
+         "width": args.width, "backbone": args.backbone, "wall_s": round(wall, 1),
          "rss_growth_mb_after_first_epoch": round(clock.rss[-1][0] - clock.rss[0][0], 1)},
     )
     return 0

@@ -196,6 +196,14 @@ def run(
         return previous or {}
 
     spec = aug.AugmentSpec.for_image_size(config.image_size)
+    accelerated = tf.config.list_physical_devices("GPU") or isinstance(strategy, tf.distribute.TPUStrategy)
+    if config.augment_on == "device" and not accelerated and verbose and chief:
+        print(
+            "note: --augment-on device runs the colour steps inside train_step on the CPU, after the input "
+            "pipeline's work instead of beside it; without a GPU or TPU, --augment-on host is as fast or "
+            "faster (docs/data.md)",
+            file=sys.stderr,
+        )
     pairs = training_input.pairs(
         strategy, config.batch_size, spec, config.seed, config.epochs, initial_epoch, config.augment_on
     )
