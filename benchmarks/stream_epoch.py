@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     # Photos and shards are made in a child process, so that this process's peak memory
     # is the epoch's (and TensorFlow's) alone.
     subprocess.run([sys.executable, __file__, "--prepare-only", "--images", str(args.images),
-                    "--source", args.source], check=True)
+                    "--batch", str(args.batch), "--source", args.source], check=True)
     root, shards = prepare(args.images, args.source)
     source = stream.TFRecordSource(shards) if args.source == "tfrecord" else stream.FolderSource(root)
     inp = stream.StreamInput(source, size)

@@ -52,7 +52,11 @@ def test_without_stop_gradient_the_representation_collapses(runs):
     # Thresholds sit between the two regimes, with room for the run-to-run spread of
     # CPU kernels: collapsed runs with seeds 0-5 measured loss -0.87..-0.96, training
     # z_std 0.29-0.47 of 1/sqrt(d), effective rank 2.1-4.8, shard ratio 0.81-0.88,
-    # parallel pairs 85-96%; stop-gradient runs sit near 1.0, 54-68, 0.6-0.7 and 0%.
+    # parallel pairs 85-96%; stop-gradient runs sit near 1.0, 54-68, 0.6-0.71 and 0%.
+    # On another CPU (CI, an Intel Xeon with AMX) seed 0 collapsed to effective rank 5.7
+    # and shard ratio 0.763 against 0.608 with the stop-gradient, so the shard-ratio
+    # bound sits just above the stop-gradient range and is also checked against the
+    # paired run.
     # The probe-set z_std is not asserted: in inference mode it jumps between ~0 and
     # 1/sqrt(d) from epoch to epoch (docs/collapse.md), so only the training batches'
     # z_std is a steady signal.
@@ -62,7 +66,8 @@ def test_without_stop_gradient_the_representation_collapses(runs):
     assert summary["z_std"] < 0.6 * reference
     assert diag["effective_rank"] < 8
     # What variation is left does not tell images apart: 1 - 1/8 = 0.875 means none.
-    assert diag["shard_ratio"] > 0.78
+    assert diag["shard_ratio"] > 0.72
+    assert diag["shard_ratio"] > runs[True][2]["shard_ratio"] + 0.08
     assert _parallel_pairs(path) > 0.75
 
 
