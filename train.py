@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default: bfloat16 where the hardware has it natively, else float32), float32, "
         "or bfloat16 (mixed precision; loss and outputs stay float32). Accuracy and speed: docs/performance.md",
     )
-    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR", help="continue the run in RUN_DIR (or --logdir) from its last completed epoch")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR", help="continue the run in RUN_DIR (or --logdir) from its last completed epoch; where RUN_DIR holds no run yet, start it there (one command line for a job a scheduler may restart)")
     p.add_argument("--no-stop-gradient", dest="stop_gradient", action="store_const", const=False, help="the paper's ablation: collapses")
     p.add_argument("--backbone", help="resnet18 (CIFAR variant) or resnet50")
     p.add_argument("--width", type=_positive_int, help="channels of the backbone's first stage (64 in the paper)")
@@ -91,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="host (default: the whole augmentation in tf.data) or device (tf.data decodes and crops; "
         "flip, colour, blur and normalisation run in train_step on each replica's device)",
     )
+    p.add_argument(
+        "--data-service",
+        dest="data_service",
+        metavar="grpc://HOST:PORT",
+        help="read the input through the tf.data service whose dispatcher is at HOST:PORT "
+        "(python -m simsiam_tf.data_service; docs/multi_worker.md)",
+    )
+    p.add_argument(
+        "--data-service-grace",
+        dest="data_service_grace",
+        type=_number,
+        metavar="SECONDS",
+        help="with --data-service: stop (exit code 75, checkpoint intact) when the dispatcher has been "
+        "unreachable this long (default 60)",
+    )
     return p
 
 
@@ -98,6 +113,7 @@ FLAG_KEYS = (
     "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
     "strategy", "cpu_replicas", "precision", "stop_gradient", "backbone", "width",
     "image_size", "knn_every", "knn_train_limit", "train_limit", "diag_every", "input", "augment_on",
+    "data_service", "data_service_grace",
 )
 
 
@@ -109,10 +125,19 @@ def main(argv=None) -> int:
     if args.lr is not None:
         explicit["base_lr"] = args.lr
     try:
-        if args.resume:
+        resume = bool(args.resume)
+        if resume:
             logdir = args.resume if isinstance(args.resume, str) else args.logdir
             if not logdir:
                 raise UsageError("--resume needs the run directory: --resume RUN_DIR")
+            if not os.path.exists(os.path.join(logdir, "config.json")) and not (
+                os.path.isdir(logdir) and os.listdir(logdir)
+            ):
+                # One command line that starts a run and continues it: what a scheduler
+                # that requeues a preempted job (Slurm, a Kubernetes Job) needs.
+                print(f"train.py: no run in {logdir} yet; starting it there (--resume continues it later)", flush=True)
+                resume = False
+        if resume:
             if args.preset is not None:
                 explicit["preset"] = args.preset
             from simsiam_tf.rundir import resolve_resume
@@ -121,14 +146,15 @@ def main(argv=None) -> int:
         else:
             explicit.setdefault("precision", "auto")
             config = make_config(args.preset, **explicit)
-            logdir = args.logdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+            if not args.resume:
+                logdir = args.logdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         from simsiam_tf.rundir import check_logdir, tf_config_is_chief
 
         if config.strategy != "multi_worker" or tf_config_is_chief():
-            check_logdir(logdir, resume=bool(args.resume))
+            check_logdir(logdir, resume=resume)
         from simsiam_tf import training  # imports TensorFlow: only for a valid command
 
-        training.run(config, logdir, resume=bool(args.resume))
+        training.run(config, logdir, resume=resume)
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 
 import keras
@@ -54,6 +55,14 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         finally:
             self._weights_path, self._training_metadata_path = own
 
+    def on_epoch_end(self, epoch, logs=None):
+        # Saved by `SaveBackup`, placed after the callbacks that write summary.json, so
+        # the summary is never behind the backup (a kill between the two would lose the
+        # epoch's record from the resumed run's history); restored here at train begin,
+        # before any callback evaluates the model.
+        self._current_epoch = epoch + 1
+        self._last_batch_seen = 0
+
     def _save_model(self):
         if getattr(self.model, "diverged", None):
             return  # keep the last good state, never a NaN one
@@ -63,6 +72,17 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             self._training_metadata_path,
             {"epoch": self._current_epoch, "batch": self._last_batch_seen},
         )
+
+
+class SaveBackup(keras.callbacks.Callback):
+    """Writes `backup`'s state at the end of every epoch (see AtomicBackupAndRestore)."""
+
+    def __init__(self, backup: AtomicBackupAndRestore):
+        super().__init__()
+        self.backup = backup
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.backup._save_model()
 
 
 def completed_epochs(backup_dir: str) -> int:
@@ -331,6 +351,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
         self._scalar("knn/top1", logs.get("knn_top1"), step)
         if logs.get("skipped_images"):
             self._scalar("data/skipped_images", logs["skipped_images"], step)
+        if logs.get("images_missed") is not None:
+            self._scalar("data/images_missed", logs["images_missed"], step)
         self.writer.flush()
 
     def on_train_end(self, logs=None):
@@ -360,6 +382,111 @@ class SkippedImages(keras.callbacks.Callback):
             self._warned = now
         if logs is not None:
             logs["skipped_images"] = self.previous + now
+
+
+class ServiceDelivery(keras.callbacks.Callback):
+    """Images the tf.data service did not deliver, per epoch of the data stream, as
+    `logs["images_missed"]` (the run's total), with one warning line per short epoch.
+
+    The service streams the whole run without breaks (`data_service`), so the images of
+    a data epoch reach the trainer a little before or after the training epoch of the
+    same number. A data epoch is counted once all its images have arrived, or once a
+    whole training epoch has gone by in which none of its images arrived while later
+    ones did: images still on their way would have kept arriving. Missed images were
+    held by a worker that stopped, or could not be decoded.
+    """
+
+    def __init__(self, service_input, initial_epoch: int, previous: int = 0, is_chief: bool = True):
+        super().__init__()
+        self.input = service_input
+        self.next_epoch = initial_epoch  # the first data epoch not yet counted (0-based)
+        self.missed = previous
+        self.is_chief = is_chief
+        self._before = None  # images received per data epoch at the previous epoch end
+
+    def count_closed(self) -> list[tuple[int, int]]:
+        """(data epoch, images received) of the data epochs that closed since the last call."""
+        received = self.input.delivered()
+        if received is None:
+            return []
+        closed = []
+        while self.next_epoch < len(received) - 1:
+            d = self.next_epoch
+            complete = received[d] >= self.input.num_train
+            stalled = self._before is not None and received[d] == self._before[d] and received[d + 1:].sum() > 0
+            if not (complete or stalled):
+                break
+            closed.append((d, int(received[d])))
+            self.next_epoch += 1
+        self._before = received.copy()
+        return closed
+
+    def on_epoch_end(self, epoch, logs=None):
+        total = self.input.num_train
+        for data_epoch, got in self.count_closed():
+            self.missed += total - got
+            if got < total and self.is_chief:
+                print(
+                    f"\nwarning: the tf.data service delivered {got:,} of the {total:,} images of epoch "
+                    f"{data_epoch + 1}: {total - got:,} missed (held by a service worker that stopped, or "
+                    "undecodable); training went on with the rest",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        if logs is not None:
+            logs["images_missed"] = self.missed
+
+
+class DispatcherWatchdog(keras.callbacks.Callback):
+    """Stops the process when the tf.data service dispatcher has been unreachable for
+    `grace_s` seconds during training.
+
+    Without its dispatcher the service hands out no new work and TensorFlow's client
+    waits for it for an hour inside `fit`, where Python cannot interrupt it; a dispatcher
+    back within the grace period (fault-tolerant mode recovers its jobs) lets training go
+    on untouched. Otherwise the process prints one line and exits with code
+    `data_service.EXIT_DISPATCHER_LOST`: checkpoints are written by rename, so the last
+    one is intact, and `--resume` continues once the dispatcher is back.
+    """
+
+    def __init__(self, target: str, grace_s: float, backup_dir: str, logdir: str, poll_s: float = 2.0, exit=os._exit):
+        super().__init__()
+        self.target, self.grace_s, self.poll_s = target, grace_s, poll_s
+        self.backup_dir, self.logdir = backup_dir, logdir
+        self._exit = exit
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _watch(self):
+        from simsiam_tf import data_service
+
+        _, host, port = data_service.split_target(self.target)
+        lost_since = None
+        while not self._stop.wait(self.poll_s):
+            if data_service.reachable(host, port):
+                lost_since = None
+                continue
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since >= self.grace_s:
+                print(
+                    f"\ntrain.py: error: the tf.data service dispatcher at {host}:{port} has been unreachable "
+                    f"for {self.grace_s:.0f} s; training stopped. The last complete checkpoint (epoch "
+                    f"{completed_epochs(self.backup_dir)}) is intact in {self.backup_dir}. Restart the "
+                    f"dispatcher with the same --work-dir, then run: python train.py --resume {self.logdir}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                sys.stdout.flush()
+                self._exit(data_service.EXIT_DISPATCHER_LOST)
+                return
+
+    def on_train_begin(self, logs=None):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="dispatcher-watchdog")
+        self._thread.start()
+
+    def on_train_end(self, logs=None):
+        self._stop.set()
 
 
 class RunSummary(keras.callbacks.Callback):
@@ -435,7 +562,7 @@ class RunSummary(keras.callbacks.Callback):
         if logs.get("knn_top1") is not None:
             record["knn_top1"] = value("knn_top1")
             self.summary["knn_top1"] = record["knn_top1"]
-        for key in ("knn_top1_best", "knn_best_epoch", "skipped_images"):
+        for key in ("knn_top1_best", "knn_best_epoch", "skipped_images", "images_missed"):
             if logs.get(key) is not None:
                 self.summary[key] = logs[key]
         self.summary["epochs_completed"] = epoch + 1

@@ -71,6 +71,11 @@ class TrainConfig:
     # inside train_step on each replica's device).
     input: str = "auto"
     augment_on: str = "host"
+    # The tf.data service (simsiam_tf.data_service): the dispatcher's grpc://HOST:PORT
+    # ("" = the input pipeline runs in the trainer), and how long the dispatcher may be
+    # unreachable mid-run before training stops. Both may change when a run resumes.
+    data_service: str = ""
+    data_service_grace: float = 60.0
     log_every_steps: int = 10
     # Representation diagnostics (simsiam_tf.diagnostics.probe) every diag_every epochs
     # (0 = off) on diag_images fixed training images x diag_views fixed views; at the
@@ -190,6 +195,11 @@ def validate(c: TrainConfig) -> None:
     need(c.strategy in STRATEGIES, f"--strategy {c.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     need(c.input in INPUTS, f"--input {c.input!r}: choose one of {', '.join(INPUTS)}")
     need(c.augment_on in AUGMENT_ON, f"--augment-on {c.augment_on!r}: choose one of {', '.join(AUGMENT_ON)}")
+    need(
+        not c.data_service or c.input in ("auto", "stream"),
+        "--data-service streams the dataset from disk on the service's workers; drop --input memory",
+    )
+    need(c.data_service_grace > 0, f"--data-service-grace must be positive, got {c.data_service_grace}")
     need(c.epochs >= 1, f"--epochs must be at least 1, got {c.epochs}")
     need(c.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs a batch), got {c.batch_size}")
     need(c.base_lr > 0 and c.base_lr < 100, f"--lr must be in (0, 100), got {c.base_lr}")

@@ -57,6 +57,10 @@ def resolve_input(config: TrainConfig) -> tuple[str, str]:
         raise UsageError("tfrecord: datasets are streamed; use --input stream (or auto)")
     if config.input == "stream" and dataset == "digits":
         raise UsageError("--dataset digits is bundled in memory and cannot stream; use --input memory (or auto)")
+    if config.data_service:
+        if dataset == "digits":
+            raise UsageError("--data-service needs images on disk: use --dataset folder:PATH or tfrecord:GLOB")
+        return "stream", "--data-service: the service's workers stream the dataset from disk"
     if config.input != "auto":
         return config.input, f"--input {config.input}"
     if dataset == "digits":

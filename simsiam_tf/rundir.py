@@ -20,6 +20,7 @@ from simsiam_tf.config import TrainConfig, UsageError, load_config
 LAST_DIR = os.path.join("checkpoints", "last")
 BEST_DIR = os.path.join("checkpoints", "best")
 WEIGHTS_FILE = "model.weights.h5"
+RUNTIME_KEYS = ("data_service", "data_service_grace")
 
 
 def check_logdir(logdir: str, resume: bool) -> None:
@@ -49,6 +50,9 @@ def resolve_resume(logdir: str, explicit: dict) -> TrainConfig:
     """The config of the run in `logdir`; explicitly given flags must agree with it."""
     check_logdir(logdir, resume=True)
     config = load_config(os.path.join(logdir, "config.json"))
+    # Where the input comes from may change between launches (a dispatcher restarted on
+    # another host); what is trained may not.
+    runtime = {k: explicit.pop(k) for k in RUNTIME_KEYS if k in explicit}
     saved = config.to_dict()
     clashes = [f"{k}={v!r} (the run has {saved[k]!r})" for k, v in explicit.items() if saved.get(k) != v]
     if clashes:
@@ -57,7 +61,7 @@ def resolve_resume(logdir: str, explicit: dict) -> TrainConfig:
             + "; ".join(clashes)
             + ". Drop them, or start a new run"
         )
-    return config
+    return config.replace(**runtime)
 
 
 def tf_config_is_chief() -> bool:

@@ -130,6 +130,24 @@ class FolderSource:
         so an unreadable file is skipped like an undecodable one."""
         return tf.io.read_file(path)
 
+    def units(self, seed: int, files_per_unit: int = 64):
+        """The training split as units for the tf.data service (`data_service`): fixed
+        groups of `files_per_unit` files drawn at random from `seed`. Returns (number of
+        units, unit -> dataset of (image id, path))."""
+        n = self.splits["train"].count
+        count = -(-n // files_per_unit)
+        table = np.full(count * files_per_unit, -1, np.int64)
+        table[:n] = np.random.default_rng([seed, 64]).permutation(n)
+        table = tf.constant(table.reshape(count, files_per_unit))
+        paths = tf.constant(self._paths["train"], tf.string)
+
+        def unit(u):
+            ids = table[u]
+            ids = tf.boolean_mask(ids, ids >= 0)
+            return tf.data.Dataset.from_tensor_slices((ids, tf.gather(paths, ids)))
+
+        return count, unit
+
     def eval_records(self, split: str, limit: int = 0) -> tf.data.Dataset:
         keep = data_lib.subset(len(self._files[split]), limit)
         paths = self._paths[split][keep]
@@ -240,6 +258,24 @@ class TFRecordSource:
             .apply(lambda ds: _shuffle(ds, epoch_seed))
         )
 
+    def units(self, seed: int):
+        """The training split as units for the tf.data service (`data_service`): one per
+        shard. Returns (number of units, unit -> dataset of (image id, encoded image)),
+        image ids numbering the records of all shards in order."""
+        shards = self._shards["train"]
+        offsets = tf.constant(np.concatenate([[0], np.cumsum(self._counts["train"])[:-1]]), tf.int64)
+        paths = tf.constant(shards, tf.string)
+
+        def unit(u):
+            return (
+                tf.data.TFRecordDataset(paths[u])
+                .map(lambda record: records.parse(record)[0])
+                .enumerate()
+                .map(lambda i, raw: (offsets[u] + i, raw))
+            )
+
+        return len(shards), unit
+
     def eval_records(self, split: str, limit: int = 0) -> tf.data.Dataset:
         ds = tf.data.TFRecordDataset(self._shards[split]).map(records.parse, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.take(limit) if limit else ds
@@ -332,6 +368,22 @@ def open_source(dataset: str, data_dir: str | None = None, train_limit: int = 0)
 
 # ---------------------------------------------------------------------------
 # The pipelines.
+
+
+def image_views(raw: tf.Tensor, image_seed: tf.Tensor, spec: aug.AugmentSpec, augment_on: str):
+    """The two views of one encoded image, every random choice drawn from `image_seed`.
+
+    With augment_on="host": float32, normalised, fully augmented; with "device": the
+    uint8 crops, for `augment.ViewAugment` in `train_step`.
+    """
+    crop_seed, seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(image_seed, 3))
+    crops = crop_decode.decode_crops(raw, crop_seed, spec)
+    if augment_on == "device":
+        return crops[0], crops[1]
+    return (
+        aug.photometric_image(crops[0], aug.image_params(seed1, spec), spec),
+        aug.photometric_image(crops[1], aug.image_params(seed2, spec), spec),
+    )
 
 
 def _decode_for_eval(raw: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -442,15 +494,7 @@ class StreamInput:
         source, skipped = self.source, self._skipped
 
         def views(index, raw, epoch_seed):
-            image_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index)
-            crop_seed, seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(image_seed, 3))
-            crops = crop_decode.decode_crops(raw, crop_seed, spec)
-            if augment_on == "device":
-                return crops[0], crops[1]
-            return (
-                aug.photometric_image(crops[0], aug.image_params(seed1, spec), spec),
-                aug.photometric_image(crops[1], aug.image_params(seed2, spec), spec),
-            )
+            return image_views(raw, tf.random.experimental.stateless_fold_in(epoch_seed, index), spec, augment_on)
 
         def epoch_pairs(epoch):
             epoch_seed = _epoch_seed(seed, epoch, worker)

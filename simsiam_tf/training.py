@@ -150,6 +150,13 @@ def run(
         if verbose and chief:
             print(f"input: {kind} ({reason})", flush=True)
         training_input = inputs.open_input(config, kind)
+        if config.data_service:
+            from simsiam_tf import data_service
+
+            target = data_service.wait_for_dispatcher(config.data_service)
+            training_input = data_service.ServiceInput(training_input, target, data_service.run_token(strategy))
+            if verbose and chief:
+                print(f"input: through the tf.data service at {target} (job {training_input.job})", flush=True)
     else:
         training_input = data_lib.MemoryInput(data, config.image_size) if isinstance(data, data_lib.ImageData) else data
         config = config.replace(input=training_input.kind)
@@ -175,10 +182,6 @@ def run(
         model.compile(optimizer=make_optimizer(model, config, steps), jit_compile=False)
         model.optimizer.build(model.trainable_variables)
     check_disk_space(logdir, model)
-    if chief:
-        os.makedirs(logdir, exist_ok=True)
-        if not resume:
-            save_config(config, os.path.join(logdir, "config.json"))
 
     restore_dir = backup_dir = os.path.join(logdir, LAST_DIR)
     if not chief:
@@ -204,15 +207,27 @@ def run(
             "faster (docs/data.md)",
             file=sys.stderr,
         )
+    # Made before anything is written: with --data-service this registers the pipeline,
+    # which fails with one line if the dispatcher does not answer.
     pairs = training_input.pairs(
         strategy, config.batch_size, spec, config.seed, config.epochs, initial_epoch, config.augment_on
     )
+    if chief:
+        os.makedirs(logdir, exist_ok=True)
+        if not resume:
+            save_config(config, os.path.join(logdir, "config.json"))
     reporting, monitor = reporting_callbacks(config, logdir, training_input, steps, initial_epoch, previous, chief)
+    if training_input.kind == "service":
+        reporting.insert(-2, cb.ServiceDelivery(training_input, initial_epoch, (previous or {}).get("images_missed", 0), chief))
+        reporting.insert(0, cb.DispatcherWatchdog(training_input.target, config.data_service_grace, backup_dir, logdir))
     # The guard runs first, so a NaN step is flagged before anything saves; the progress
     # bar prints each epoch's training logs before the reporting callbacks add theirs.
+    # The backup is restored before anything evaluates the model and saved after the
+    # summary is written, so on resume the summary is never an epoch behind it.
+    backup = cb.AtomicBackupAndRestore(backup_dir, restore_dir)
     callbacks = [
-        cb.DivergenceGuard(), cb.AtomicBackupAndRestore(backup_dir, restore_dir), keras.callbacks.ProgbarLogger(),
-        *reporting, *extra_callbacks,
+        cb.DivergenceGuard(), backup, keras.callbacks.ProgbarLogger(), *reporting, cb.SaveBackup(backup),
+        *extra_callbacks,
     ]
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
