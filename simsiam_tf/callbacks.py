@@ -404,9 +404,12 @@ class ServiceDelivery(keras.callbacks.Callback):
         self.is_chief = is_chief
         self._before = None  # images received per data epoch at the previous epoch end
 
-    def count_closed(self) -> list[tuple[int, int]]:
+    def on_train_begin(self, logs=None):
+        self.input.reset_delivered()
+
+    def count_closed(self, strategy=None) -> list[tuple[int, int]]:
         """(data epoch, images received) of the data epochs that closed since the last call."""
-        received = self.input.delivered()
+        received = self.input.delivered(strategy)
         if received is None:
             return []
         closed = []
@@ -423,7 +426,7 @@ class ServiceDelivery(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         total = self.input.num_train
-        for data_epoch, got in self.count_closed():
+        for data_epoch, got in self.count_closed(self.model.distribute_strategy):
             self.missed += total - got
             if got < total and self.is_chief:
                 print(

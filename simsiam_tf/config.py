@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 import tempfile
 from typing import Any
@@ -198,6 +199,10 @@ def validate(c: TrainConfig) -> None:
     need(
         not c.data_service or c.input in ("auto", "stream"),
         "--data-service streams the dataset from disk on the service's workers; drop --input memory",
+    )
+    need(
+        not c.data_service or re.fullmatch(r"(grpc://)?[^:/\s]+:\d+", c.data_service) is not None,
+        f"--data-service {c.data_service!r}: expected grpc://HOST:PORT, e.g. grpc://dispatcher-host:5050",
     )
     need(c.data_service_grace > 0, f"--data-service-grace must be positive, got {c.data_service_grace}")
     need(c.epochs >= 1, f"--epochs must be at least 1, got {c.epochs}")

@@ -46,12 +46,18 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 EXIT_DISPATCHER_LOST = 75  # EX_TEMPFAIL: a scheduler may retry the same command
 UNIT_FILES = 64  # files of a folder per unit (one dispatcher round trip each)
-# Units each worker reads at once. Their images are interleaved one by one, which
-# mixes a batch across units; there is no shuffle buffer, so that each image reaches
-# the trainer soon after its unit was handed out (what `ServiceDelivery` relies on).
-INTERLEAVE = 8
+# Units each worker reads at once, interleaved image by image so that a batch mixes
+# units. The interleave is sequential (decoding, the costly part, runs in parallel
+# after it) and there is no shuffle buffer: a worker then holds only these units, which
+# bounds what a lost worker costs, and each image reaches the trainer soon after its
+# unit was handed out (what `ServiceDelivery` relies on). A parallel interleave
+# prefetches further units: measured, a worker killed after 100 images took ~1,500 of
+# a 3,000-image stream with it.
+INTERLEAVE = 4
 CONNECT_WINDOW_S = 15  # how long a starting trainer waits for the dispatcher to answer
 REGISTER_TIMEOUT_S = 10
 HEARTBEAT_MS = 2000  # workers' heartbeats to the dispatcher
@@ -179,9 +185,28 @@ class ServiceInput:
     def skipped_in_training(self) -> int:
         return 0  # counted with the lost images: `delivered`
 
-    def delivered(self):
-        """Images received so far per epoch (index = epoch - 1), as a numpy array."""
-        return None if self._delivered is None else self._delivered.numpy()
+    def delivered(self, strategy=None):
+        """Images received so far per data epoch (index = epoch - 1), as a numpy array:
+        by all trainers together under MultiWorkerMirroredStrategy (a collective: every
+        trainer must call it at the same point)."""
+        tf = self._tf
+        if self._delivered is None:
+            return None
+        counts = tf.cast(self._delivered.read_value(), tf.float64)  # exact to 2**53
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            local = len(strategy.extended.worker_devices)
+            per_replica = strategy.experimental_distribute_values_from_function(
+                lambda ctx: counts if ctx.replica_id_in_sync_group % local == 0 else tf.zeros_like(counts)
+            )
+            counts = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return np.round(counts.numpy()).astype(np.int64)
+
+    def reset_delivered(self) -> None:
+        """Forget what was received before training began: Keras's fit() reads one batch
+        to build the model from an iterator of its own, and a second iterator of a named
+        job starts the stream again (a new iteration of the job)."""
+        if self._delivered is not None:
+            self._delivered.assign(self._tf.zeros_like(self._delivered))
 
     def served_dataset(self, local_batch, spec, seed, epochs, initial_epoch=0, augment_on="host"):
         """The pipeline the service workers run: batches of (x1, x2, epoch, image id) over
@@ -210,8 +235,7 @@ class ServiceInput:
 
         return (
             tf.data.Dataset.range(first, last)
-            .interleave(unit, cycle_length=min(INTERLEAVE, count), block_length=1,
-                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+            .interleave(unit, cycle_length=min(INTERLEAVE, count), block_length=1)
             .batch(stream.DECODE_CHUNK)
             .interleave(decode_chunk, cycle_length=stream.DECODE_CYCLE, block_length=stream.DECODE_CHUNK,
                         num_parallel_calls=stream.DECODE_CYCLE, deterministic=False)

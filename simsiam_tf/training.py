@@ -155,7 +155,7 @@ def run(
 
             target = data_service.wait_for_dispatcher(config.data_service)
             training_input = data_service.ServiceInput(training_input, target, data_service.run_token(strategy))
-            if verbose and chief:
+            if verbose:  # every trainer: they all name the job they share
                 print(f"input: through the tf.data service at {target} (job {training_input.job})", flush=True)
     else:
         training_input = data_lib.MemoryInput(data, config.image_size) if isinstance(data, data_lib.ImageData) else data

@@ -48,13 +48,16 @@ def _error_lines(stderr):
         (["--image-size", "5"], "--image-size must be in [16, 1024]"),
         (["--preset", "huge"], "unknown preset 'huge'"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
-        (["--resume"], "has no config.json"),  # --resume with --logdir resumes --logdir
-        (["--resume", "NOT_A_RUN"], "has no config.json"),
+        (["--resume", "NOT_A_RUN"], "has no config.json"),  # files, but not a run's
+        (["--data-service", "grpc://127.0.0.1:9", "--input", "memory", "--dataset", "folder:EMPTY"], "drop --input memory"),
+        (["--data-service", "no-port"], "expected grpc://HOST:PORT"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
     (tmp_path / "EMPTY").mkdir()
-    args = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("NOT_A_RUN", str(tmp_path / "EMPTY")) for a in args]
+    (tmp_path / "NOT_A_RUN").mkdir()
+    (tmp_path / "NOT_A_RUN" / "notes.txt").write_text("not a run")
+    args = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("NOT_A_RUN", str(tmp_path / "NOT_A_RUN")) for a in args]
     logdir = tmp_path / "run"
     result = _train([*args, "--logdir", str(logdir)], cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -63,6 +66,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
     assert message in lines[0]
     assert "Traceback" not in result.stderr
     assert not logdir.exists()
+
+
+def test_one_command_line_starts_a_run_and_continues_it(tmp_path):
+    # What a scheduler that requeues a preempted job runs: the same line every time.
+    command = [*TINY_FLAGS, "--epochs", "1", "--resume", str(tmp_path / "run")]
+    first = _train(command, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "no run in" in first.stdout and "starting it there" in first.stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs_completed"] == 1
+    again = _train(command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "starting it there" not in again.stdout and "all 1 epochs are already done" in again.stdout
 
 
 def test_bare_resume_needs_a_run_directory(tmp_path):

@@ -1,0 +1,276 @@
+"""The tf.data service path (simsiam_tf.data_service), on loopback only.
+
+A dispatcher runs in this process (or as a subprocess where a test kills it) and the
+workers run as subprocesses started by `python -m simsiam_tf.data_service worker`, so
+a worker can be killed like a lost host.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from simsiam_tf import augment as aug
+from simsiam_tf import callbacks as cb
+from simsiam_tf import data_service, stream
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+SPEC = aug.AugmentSpec.for_image_size(16)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _folder(root, n_train, n_test=0, side=12):
+    """n_train (and n_test) small PNGs in two classes, each a different grey level."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            directory = root / split / f"class{i % 2}"
+            directory.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(directory / f"{i:05d}.png")
+    return root
+
+
+def _start_worker(dispatcher_port):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simsiam_tf.data_service", "worker", "--dispatcher", f"127.0.0.1:{dispatcher_port}",
+         "--port", "0", "--worker-address", "127.0.0.1:%port%"],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    line = proc.stdout.readline()
+    assert "tf.data service worker on 127.0.0.1:" in line, line
+    return proc
+
+
+class Cluster:
+    """An in-process dispatcher and two worker subprocesses."""
+
+    def __init__(self, work_dir):
+        svc = tf.data.experimental.service
+        self.dispatcher = svc.DispatchServer(svc.DispatcherConfig(port=0, work_dir=str(work_dir), fault_tolerant_mode=True))
+        self.port = int(self.dispatcher.target.rsplit(":", 1)[1])
+        self.target = f"grpc://127.0.0.1:{self.port}"
+        self.workers = [_start_worker(self.port) for _ in range(2)]
+
+    def stop(self):
+        for w in self.workers:
+            if w.poll() is None:
+                w.kill()
+            w.wait()
+        self.dispatcher.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path / "dispatcher")
+    yield c
+    c.stop()
+
+
+def _service_input(folder, target, job):
+    source = stream.FolderSource(str(folder))
+    return data_service.ServiceInput(stream.StreamInput(source, 16), target, job)
+
+
+def _read(inp, local_batch, epochs):
+    """The raw stream the trainers read: batches of (x1, x2, epoch, image id)."""
+    dataset_id, spec = inp.connect(local_batch, SPEC, seed=3, epochs=epochs, augment_on="device")
+    ds = tf.data.experimental.service.from_dataset_id(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=inp.target,
+        dataset_id=dataset_id, element_spec=spec, job_name=inp.job,
+    )
+    return ds
+
+
+def test_one_epoch_delivers_every_image_of_a_folder_exactly_once(cluster, tmp_path):
+    folder = _folder(tmp_path / "images", 1000)
+    inp = _service_input(folder, cluster.target, "exactly-once")
+    seen = []
+    for x1, x2, epoch, ids in _read(inp, 50, epochs=1):
+        assert x1.dtype == tf.uint8 and x1.shape == (50, 16, 16, 3)  # device mode: the crops
+        seen += zip(epoch.numpy().tolist(), ids.numpy().tolist())
+        if sum(1 for e, _ in seen if e == 0) == 1000 or len(seen) >= 2000:
+            break
+    counts = Counter(seen)
+    assert max(counts.values()) == 1  # nothing twice
+    assert sorted(i for e, i in seen if e == 0) == list(range(1000))  # the whole epoch
+    assert {e for e, _ in seen} <= {0, 1}  # then the reserve epoch, nothing else
+
+
+def test_a_worker_killed_mid_epoch_costs_only_its_images_and_they_are_counted(cluster, tmp_path):
+    folder = _folder(tmp_path / "images", 1000)
+    inp = _service_input(folder, cluster.target, "kill-one")
+    received = np.zeros(3, np.int64)  # epochs 0, 1 and the reserve, as the trainer counts them
+
+    class Counts:  # what ServiceDelivery reads from a ServiceInput
+        num_train = 1000
+
+        @staticmethod
+        def delivered(strategy=None):
+            return received.copy()
+
+    delivery = cb.ServiceDelivery(Counts, initial_epoch=0)
+    seen, closed = [], []
+    for i, (_, _, epoch, ids) in enumerate(_read(inp, 25, epochs=2)):
+        if i == 4:
+            cluster.workers[0].kill()  # as a host lost mid-epoch
+        seen += zip(epoch.numpy().tolist(), ids.numpy().tolist())
+        np.add.at(received, epoch.numpy(), 1)
+        if (i + 1) % 40 == 0:  # a training epoch: 1,000 images
+            closed += delivery.count_closed()
+        if closed:
+            break
+        assert len(seen) < 3000, "epoch 1 never closed"
+    assert max(Counter(seen).values()) == 1  # no duplicates, before or after the kill
+    epoch0 = {i for e, i in seen if e == 0}
+    missed = 1000 - len(epoch0)
+    assert 0 < missed < 1000  # the killed worker held some images, the other went on
+    # What the callback reports is what really went missing.
+    assert closed[0] == (0, len(epoch0))
+
+
+def test_servers_say_what_they_serve_and_stop_on_sigterm(tmp_path):
+    port = _free_port()
+    dispatcher = subprocess.Popen(
+        [sys.executable, "-m", "simsiam_tf.data_service", "dispatcher", "--port", str(port), "--work-dir",
+         str(tmp_path / "journal")],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        line = dispatcher.stdout.readline()
+        assert "dispatcher serving grpc://" in line and f":{port}" in line and "fault-tolerant" in line, line
+        worker = _start_worker(port)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+        dispatcher.send_signal(signal.SIGTERM)
+        assert dispatcher.wait(timeout=30) == 0
+        # Restarted with the same command line, it recovers from its journal.
+        again = subprocess.Popen(dispatcher.args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert "recovered its jobs" in again.stdout.readline()
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=30) == 0
+    finally:
+        for p in (dispatcher,):
+            if p.poll() is None:
+                p.kill()
+
+
+def _train(args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+SMALL = ["--image-size", "16", "--width", "4", "--knn-every", "0", "--diag-every", "0", "--precision", "float32"]
+
+
+def test_unreachable_dispatcher_exits_2_naming_the_address(tmp_path):
+    port = _free_port()
+    started = time.monotonic()
+    result = _train(["--dataset", f"folder:{_folder(tmp_path / 'images', 40)}", "--data-service",
+                     f"grpc://127.0.0.1:{port}", "--logdir", str(tmp_path / "run"), *SMALL])
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.startswith("train.py: error")]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], result.stderr[-2000:]
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_fit_epochs_under_mirrored_through_the_service(cluster, tmp_path):
+    folder = _folder(tmp_path / "images", 256, 64)
+    run = tmp_path / "run"
+    result = _train(["--dataset", f"folder:{folder}", "--data-service", cluster.target, "--strategy", "mirrored",
+                     "--cpu-replicas", "2", "--epochs", "2", "--batch-size", "32", "--augment-on", "device",
+                     "--logdir", str(run), *SMALL])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "through the tf.data service" in result.stdout and "on 2 replica(s)" in result.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["input"] == "service"
+    assert summary["images_missed"] == 0
+    assert all(np.isfinite(h["loss"]) for h in summary["history"])
+    assert json.loads((run / "config.json").read_text())["data_service"] == cluster.target
+
+
+def test_two_multi_worker_trainers_share_one_job(cluster, tmp_path):
+    folder = _folder(tmp_path / "images", 256)
+    ports = [_free_port(), _free_port()]
+    tf_cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    run = tmp_path / "run"
+    trainers = [
+        subprocess.Popen(
+            [sys.executable, "train.py", "--dataset", f"folder:{folder}", "--data-service", cluster.target,
+             "--strategy", "multi_worker", "--epochs", "2", "--batch-size", "32", "--logdir", str(run), *SMALL],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(ENV, TF_CONFIG=json.dumps({"cluster": tf_cluster, "task": {"type": "worker", "index": i}})),
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [t.communicate(timeout=300)[0] for t in trainers]
+    finally:
+        for t in trainers:
+            if t.poll() is None:
+                t.kill()
+    for t, out in zip(trainers, outputs):
+        assert t.returncode == 0, out[-3000:]
+    jobs = [line.split("(job ")[1].rstrip(")") for out in outputs for line in out.splitlines() if "(job simsiam-" in line]
+    assert len(jobs) == 2 and jobs[0] == jobs[1]  # one job, read by both
+    assert "on 2 replica(s)" in outputs[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2
+    assert summary["images_missed"] == 0  # what the two trainers received, summed
+
+
+def test_a_lost_dispatcher_stops_training_and_resume_continues(tmp_path):
+    folder = _folder(tmp_path / "images", 512)
+    port = _free_port()
+    journal = str(tmp_path / "journal")
+    command = [sys.executable, "-m", "simsiam_tf.data_service", "dispatcher", "--port", str(port), "--work-dir", journal]
+    dispatcher = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    dispatcher.stdout.readline()
+    worker = _start_worker(port)
+    run = tmp_path / "run"
+    train = [sys.executable, "train.py", "--dataset", f"folder:{folder}", "--data-service", f"grpc://127.0.0.1:{port}",
+             "--data-service-grace", "4", "--epochs", "10", "--batch-size", "32", "--logdir", str(run), *SMALL]
+    meta = run / "checkpoints" / "last" / "training_metadata.json"
+    trainer = subprocess.Popen(train, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and trainer.poll() is None and not meta.exists():
+            time.sleep(0.1)
+        dispatcher.kill()
+        dispatcher.wait()
+        out, err = trainer.communicate(timeout=120)
+        if trainer.returncode == 0:
+            pytest.skip("the run finished before the dispatcher was killed")
+        assert trainer.returncode == data_service.EXIT_DISPATCHER_LOST, err[-2000:]
+        assert f"dispatcher at 127.0.0.1:{port} has been unreachable" in err and "--resume" in err
+        at_stop = json.loads(meta.read_text())["epoch"]
+        assert 1 <= at_stop < 10
+
+        dispatcher = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert "recovered its jobs" in dispatcher.stdout.readline()
+        resumed = subprocess.run([sys.executable, "train.py", "--resume", str(run)], cwd=REPO, env=ENV,
+                                 capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"epochs {at_stop + 1}-10" in resumed.stdout
+        summary = json.loads((run / "summary.json").read_text())
+        assert [h["epoch"] for h in summary["history"]] == list(range(1, 11))
+    finally:
+        for p in (trainer, dispatcher, worker):
+            if p.poll() is None:
+                p.kill()
