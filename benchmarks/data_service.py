@@ -11,10 +11,14 @@ into 16 TFRecord shards, read at 224 px with the whole augmentation on the host
   `--data-service`;
 - service, 1 or 2 workers: a dispatcher in this process and worker subprocesses
   (`python -m simsiam_tf.data_service worker`) on loopback, read as `train.py
-  --data-service` reads them (`ServiceInput`: dynamic sharding, uncompressed).
+  --data-service` reads them (`ServiceInput`: dynamic sharding, uncompressed, views sent
+  as uint8 before normalisation, which `train_step` does on the accelerator).
 
 All use the same cores, so the ratio in-process / service is the service's overhead per
 pair on this machine: serialising each batch, sending it over gRPC and receiving it.
+The in-process rows deliver normalised float32, the service rows uint8 (normalised by
+the model on the device; normalising 224 px pairs in tf.data on the trainer's CPU would
+cost it 1.7 ms per pair, measured).
 "trainer CPU" is the CPU time this process spends per pair while reading, which on a
 cluster is what a GPU host still pays when all augmentation runs elsewhere.
 """
@@ -47,17 +51,17 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _measure(ds, batches: int, warmup: int = 3) -> tuple[float, float]:
+def _measure(ds, batches: int, batch: int, warmup: int = 3) -> tuple[float, float]:
     """(pairs per second, this process's CPU microseconds per pair) over `batches`."""
     it = iter(ds)
     for _ in range(warmup):
         next(it)
     cpu, started = _cpu_seconds(), time.perf_counter()
     for _ in range(batches):
-        batch = next(it)
-    batch[0].numpy()
+        views = next(it)
+    views[0].numpy()
     seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
-    return batches * BATCH / seconds, cpu / (batches * BATCH) * 1e6
+    return batches * batch / seconds, cpu / (batches * batch) * 1e6
 
 
 def _workers(port: int, count: int) -> list[subprocess.Popen]:
@@ -76,12 +80,15 @@ def _workers(port: int, count: int) -> list[subprocess.Popen]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--photos", type=int, default=2048)
-    p.add_argument("--batches", type=int, default=24)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--photos", type=int, help="default 2,048 (--quick: 256)")
+    p.add_argument("--batches", type=int, help="measured batches per way (default 24, --quick: 4)")
+    p.add_argument("--rounds", type=int, help="default 2 (--quick: 1)")
+    p.add_argument("--batch", type=int, default=BATCH)
     args = p.parse_args(argv)
-    if args.quick:
-        args.photos, args.batches, args.rounds = 256, 4, 1
+    quick = dict(photos=256, batches=4, rounds=1) if args.quick else dict(photos=2048, batches=24, rounds=2)
+    for key, value in quick.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
     root = photo_folder(args.photos)
     shards = os.path.join(tempfile.gettempdir(), "simsiam-tf-bench", f"shards-{os.path.basename(root)}")
@@ -91,42 +98,43 @@ def main(argv=None) -> int:
     streamed = stream.StreamInput(stream.TFRecordSource(shards), SIZE)
 
     svc = tf.data.experimental.service
-    work_dir = tempfile.mkdtemp(prefix="simsiam-bench-dispatcher-")
-    dispatcher = svc.DispatchServer(svc.DispatcherConfig(port=0, work_dir=work_dir, fault_tolerant_mode=True))
-    port = int(dispatcher.target.rsplit(":", 1)[1])
-    target = f"grpc://127.0.0.1:{port}"
 
     def in_process():
-        return streamed.worker_pairs(BATCH, spec, 0, 10_000)
+        return streamed.worker_pairs(args.batch, spec, 0, 10_000)
 
-    def service(name):
+    def service(name, target):
         def make():
             inp = data_service.ServiceInput(streamed, target, name)
-            dataset_id, element_spec = inp.connect(BATCH, spec, 0, 10_000)
+            dataset_id, element_spec = inp.connect(args.batch, spec, 0, 10_000)
             return svc.from_dataset_id(
                 processing_mode=svc.ShardingPolicy.DYNAMIC, service=target, dataset_id=dataset_id,
                 element_spec=element_spec, job_name=inp.job, max_outstanding_requests=4,
-            )
+            )  # uint8 views, normalised by the model on the device as in train.py
         return make
 
     cores = os.cpu_count()
     rows = []
     for r in range(args.rounds):
         for name, workers in (("in process", 0), ("service, 1 worker", 1), ("service, 2 workers", 2)):
+            # A fresh dispatcher for each: a stopped worker stays registered with its
+            # dispatcher, and later jobs would give it tasks the reader has to skip.
+            dispatcher = svc.DispatchServer(svc.DispatcherConfig(
+                port=0, work_dir=tempfile.mkdtemp(prefix="simsiam-bench-dispatcher-"), fault_tolerant_mode=True))
+            port = int(dispatcher.target.rsplit(":", 1)[1])
             procs = _workers(port, workers)
             try:
-                ds = in_process() if not workers else service(f"bench-{r}-{workers}")()
-                rate, cpu_us = _measure(ds, args.batches)
+                ds = in_process() if not workers else service(f"bench-{r}-{workers}", f"grpc://127.0.0.1:{port}")()
+                rate, cpu_us = _measure(ds, args.batches, args.batch)
                 del ds
             finally:
                 for proc in procs:
                     proc.terminate()
                     proc.wait()
+                dispatcher.stop()
             rows.append({"round": r + 1, "way": name, "pairs_per_s": rate, "pairs_per_s_per_core": rate / cores,
                          "trainer_cpu_us_per_pair": cpu_us})
             print(f"  round {r + 1}  {name:<20} {rate:7.1f} pairs/s  ({rate / cores:.1f} per core)  "
                   f"trainer CPU {cpu_us:,.0f} us/pair", flush=True)
-    dispatcher.stop()
 
     def mean(way, key):
         values = [row[key] for row in rows if row["way"] == way]
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
         "data_service", rows,
         [("round", "round"), ("way", "way"), ("pairs_per_s", "pairs/s"), ("pairs_per_s_per_core", "pairs/s/core"),
          ("trainer_cpu_us_per_pair", "trainer CPU us/pair")],
-        {"photos": args.photos, "image_size": SIZE, "batch": BATCH, "augment_on": "host",
+        {"photos": args.photos, "image_size": SIZE, "batch": args.batch, "augment_on": "host",
          "overhead_per_pair": {w: round(o, 4) for w, o in overhead.items()}},
     )
     return 0

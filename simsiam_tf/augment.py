@@ -433,7 +433,8 @@ def photometric_batch(views, params: dict, spec: AugmentSpec):
     return _photometric_batch(_scale_xla(tf.cast(flipped, tf.float32)), params, spec)
 
 
-def _photometric_image(view, flip, jitter_factors, jitter_order, jitter, grayscale, blur, blur_sigma, radius):
+def _photometric_image(view, flip, jitter_factors, jitter_order, jitter, grayscale, blur, blur_sigma, radius,
+                       uint8_out=False):
     x = tf.cast(view, tf.float32) / 255.0
     x = tf.cond(flip, lambda: tf.reverse(x, [1]), lambda: x)
 
@@ -449,6 +450,8 @@ def _photometric_image(view, flip, jitter_factors, jitter_order, jitter, graysca
     x = tf.cond(grayscale, lambda: tf.tile(grayscale_(x), [1, 1, 3]), lambda: x)
     if radius:
         x = tf.cond(blur, lambda: gaussian_blur(x[None], blur_sigma[None], radius)[0], lambda: x)
+    if uint8_out:  # rounded to whole grey levels, as torchvision holds an augmented image
+        return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
     return normalize(x)
 
 
@@ -458,14 +461,16 @@ def _photometric_image(view, flip, jitter_factors, jitter_order, jitter, graysca
 _photometric_image_xla = tf.function(_photometric_image, jit_compile=True)
 
 
-def photometric_image(view, params: dict, spec: AugmentSpec):
+def photometric_image(view, params: dict, spec: AugmentSpec, uint8_out: bool = False):
     """The photometric half on one crop: uint8 [S, S, 3] -> float32 [S, S, 3], normalised.
 
     `params` holds one image's parameters (scalars and vectors, as `draw_params(seed,
-    1, spec)` row 0). Same result as `photometric_batch` on that image.
+    1, spec)` row 0). Same result as `photometric_batch` on that image. With
+    `uint8_out`, the augmented image before normalisation, rounded to uint8 (what the
+    tf.data service sends: a quarter of the bytes; `SimSiam.train_step` normalises it).
     """
     radius = blur_radius(spec) if spec.blur_prob > 0 else 0
-    return _photometric_image_xla(view, *(params[k] for k in PHOTOMETRIC_KEYS), radius)
+    return _photometric_image_xla(view, *(params[k] for k in PHOTOMETRIC_KEYS), radius, uint8_out)
 
 
 def image_params(seed, spec: AugmentSpec) -> dict:

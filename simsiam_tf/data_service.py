@@ -210,7 +210,7 @@ class ServiceInput:
 
     def served_dataset(self, local_batch, spec, seed, epochs, initial_epoch=0, augment_on="host"):
         """The pipeline the service workers run: batches of (x1, x2, epoch, image id) over
-        epochs initial_epoch..epochs-1 plus a reserve epoch."""
+        epochs initial_epoch..epochs-1 plus a reserve epoch, the views uint8."""
         tf = self._tf
         from simsiam_tf import stream
 
@@ -227,7 +227,9 @@ class ServiceInput:
         def decode_chunk(epochs_, ids, items):
             def one(epoch, i, item):
                 image_seed = tf.random.experimental.stateless_fold_in(stream._epoch_seed(seed, epoch, 0), i)
-                x1, x2 = stream.image_views(self.source.load(item), image_seed, spec, augment_on)
+                # uint8 either way: the crops (device), or the augmented views before
+                # normalisation (host), normalised in SimSiam.train_step on the device.
+                x1, x2 = stream.image_views(self.source.load(item), image_seed, spec, augment_on, uint8_out=True)
                 return x1, x2, tf.cast(epoch, tf.int32), tf.cast(i, tf.int32)
 
             # As in the streaming pipeline: an undecodable file drops out of its chunk only.
@@ -271,7 +273,7 @@ class ServiceInput:
         def count(x1, x2, epoch, _):
             update = delivered.scatter_nd_add(tf.expand_dims(tf.cast(epoch, tf.int64), 1), tf.ones_like(epoch, tf.int64))
             with tf.control_dependencies([update]):
-                return tf.identity(x1), tf.identity(x2)
+                return tf.identity(x1), tf.identity(x2)  # uint8: SimSiam.train_step normalises
 
         def make(worker, workers, local_batch):
             return (

@@ -178,6 +178,14 @@ def build_predictor(
     return keras.Model(inputs, p, name="predictor")
 
 
+def normalize_uint8(images: tf.Tensor) -> tf.Tensor:
+    """uint8 images -> the model's float32 input, as `augment.normalize(x / 255)` (kept
+    here: `augment` imports keras-cv, which this module loads only when it must)."""
+    mean = tf.constant((0.485, 0.456, 0.406), tf.float32)  # augment.IMAGENET_MEAN
+    std = tf.constant((0.229, 0.224, 0.225), tf.float32)  # augment.IMAGENET_STD
+    return (tf.cast(images, tf.float32) / 255.0 - mean) / std
+
+
 def split_views(data):
     """(x1, x2) from a pair of batches, or from one [B, H, W, 6] tensor of stacked views."""
     if isinstance(data, (tuple, list)):
@@ -245,6 +253,10 @@ class SimSiam(keras.Model):
         x1, x2 = split_views(data)
         if self.view_augment is not None:
             x1, x2 = self.augment_views(x1, x2)
+        elif x1.dtype == tf.uint8:
+            # Augmented views sent as uint8 by the tf.data service (`uint8_out` in augment):
+            # normalised here, on the replica's device, not on the receiving host's CPU.
+            x1, x2 = (normalize_uint8(x) for x in (x1, x2))
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             p1, p2, z1, z2 = self.forward_pair(x1, x2, training=True)

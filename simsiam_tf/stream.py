@@ -370,19 +370,20 @@ def open_source(dataset: str, data_dir: str | None = None, train_limit: int = 0)
 # The pipelines.
 
 
-def image_views(raw: tf.Tensor, image_seed: tf.Tensor, spec: aug.AugmentSpec, augment_on: str):
+def image_views(raw: tf.Tensor, image_seed: tf.Tensor, spec: aug.AugmentSpec, augment_on: str, uint8_out=False):
     """The two views of one encoded image, every random choice drawn from `image_seed`.
 
-    With augment_on="host": float32, normalised, fully augmented; with "device": the
-    uint8 crops, for `augment.ViewAugment` in `train_step`.
+    With augment_on="host": float32, normalised, fully augmented (uint8 before the
+    normalisation with `uint8_out`); with "device": the uint8 crops, for
+    `augment.ViewAugment` in `train_step`.
     """
     crop_seed, seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(image_seed, 3))
     crops = crop_decode.decode_crops(raw, crop_seed, spec)
     if augment_on == "device":
         return crops[0], crops[1]
     return (
-        aug.photometric_image(crops[0], aug.image_params(seed1, spec), spec),
-        aug.photometric_image(crops[1], aug.image_params(seed2, spec), spec),
+        aug.photometric_image(crops[0], aug.image_params(seed1, spec), spec, uint8_out),
+        aug.photometric_image(crops[1], aug.image_params(seed2, spec), spec, uint8_out),
     )
 
 

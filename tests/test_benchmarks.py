@@ -51,6 +51,14 @@ def test_stream_epoch_reports_rate_and_peak_memory(python, cifar_dir):
     assert math.isclose(row["in_memory_would_need_mb"], 40 * 224 * 224 * 3 / 2**20)
 
 
+def test_data_service_reports_in_process_and_service_rates(python, cifar_dir):
+    out = _run(python, "data_service.py", "--quick", "--photos", "32", "--batches", "1", "--batch", "8")
+    assert {r["way"] for r in out["rows"]} == {"in process", "service, 1 worker", "service, 2 workers"}
+    for r in out["rows"]:
+        assert _positive(r["pairs_per_s"]) and _positive(r["trainer_cpu_us_per_pair"])
+    assert set(out["overhead_per_pair"]) == {"service, 1 worker", "service, 2 workers"}
+
+
 def test_train_step_reports_both_precisions_with_and_without_xla(python):
     out = _run(python, "train_step.py", "--batch", "8", "--steps", "1", "--width", "4")
     rows = {(r["precision"], r["xla"]): r for r in out["rows"]}

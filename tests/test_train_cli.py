@@ -164,7 +164,7 @@ def _final_weights(logdir):
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
-    epochs = "8"
+    epochs = "5"
     straight = tmp_path / "straight"
     done = _train([*TINY_FLAGS, "--epochs", epochs, "--logdir", str(straight)], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
