@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, help="measured batches per way (default 24, --quick: 4)")
     p.add_argument("--rounds", type=int, help="default 2 (--quick: 1)")
     p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--size", type=int, default=SIZE, help="training image size (default 224)")
     args = p.parse_args(argv)
     quick = dict(photos=256, batches=4, rounds=1) if args.quick else dict(photos=2048, batches=24, rounds=2)
     for key, value in quick.items():
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
     shards = os.path.join(tempfile.gettempdir(), "simsiam-tf-bench", f"shards-{os.path.basename(root)}")
     if records.read_index(shards) is None:
         records.write_records(root, shards, shards=16, overwrite=True)
-    spec = aug.AugmentSpec.for_image_size(SIZE)
-    streamed = stream.StreamInput(stream.TFRecordSource(shards), SIZE)
+    spec = aug.AugmentSpec.for_image_size(args.size)
+    streamed = stream.StreamInput(stream.TFRecordSource(shards), args.size)
 
     svc = tf.data.experimental.service
 
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         "data_service", rows,
         [("round", "round"), ("way", "way"), ("pairs_per_s", "pairs/s"), ("pairs_per_s_per_core", "pairs/s/core"),
          ("trainer_cpu_us_per_pair", "trainer CPU us/pair")],
-        {"photos": args.photos, "image_size": SIZE, "batch": args.batch, "augment_on": "host",
+        {"photos": args.photos, "image_size": args.size, "batch": args.batch, "augment_on": "host",
          "overhead_per_pair": {w: round(o, 4) for w, o in overhead.items()}},
     )
     return 0

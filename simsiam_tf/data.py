@@ -531,8 +531,14 @@ def distribute_pairs(strategy: tf.distribute.Strategy, global_batch: int, make) 
         if per_replica != local:  # several replicas per worker
             ds = ds.unbatch().batch(per_replica, drop_remainder=True)
         # One tensor per element: Keras's fit() reduces a peeked batch with
-        # strategy.reduce, which MultiWorkerMirroredStrategy cannot do on a tuple.
-        return ds.map(lambda x1, x2: tf.concat([x1, x2], axis=-1))
+        # strategy.reduce, which MultiWorkerMirroredStrategy cannot do on a tuple, nor
+        # on uint8 (collectives take int32 and floats): uint8 views travel as int32 and
+        # SimSiam.train_step casts them back.
+        def stack(x1, x2):
+            views = tf.concat([x1, x2], axis=-1)
+            return tf.cast(views, tf.int32) if views.dtype == tf.uint8 else views
+
+        return ds.map(stack)
 
     return strategy.distribute_datasets_from_function(worker_dataset)
 

@@ -12,7 +12,8 @@ What runs where:
 
 - `ServiceInput.served_dataset` is the pipeline the workers run: a `Dataset.range` over
   the *units* of every epoch of the run plus one reserve epoch (a unit is a TFRecord
-  shard, or a fixed random group of `UNIT_FILES` files of a folder), each unit read,
+  shard, or a fixed random group of 64 files of a folder: `units` of the sources in
+  `stream`, one dispatcher round trip each), each unit read,
   decoded at its crops and augmented exactly as `stream.StreamInput` does, with the
   crops of image i in epoch e drawn from (--seed, e, i). Units are visited in a new
   order every epoch, drawn from (--seed, epoch).
@@ -26,6 +27,9 @@ What runs where:
   never waits for the end of the job, so a worker that stops mid-epoch costs only the
   images it held (counted and logged, `ServiceDelivery`), and the reserve epoch keeps
   every trainer supplied to the last step.
+- Views travel as uint8: the crops (`--augment-on device`), or the fully augmented
+  views before normalisation (host), which `SimSiam.train_step` normalises on the
+  device. A quarter of float32's bytes; benchmarks/data_service.py measures the cost.
 - The dispatcher runs in fault-tolerant mode: it journals its state in --work-dir, and
   a restarted dispatcher recovers its jobs. A trainer that cannot reach it for
   `--data-service-grace` seconds stops with exit code 75 (`DispatcherWatchdog`); its last
@@ -49,7 +53,6 @@ import time
 import numpy as np
 
 EXIT_DISPATCHER_LOST = 75  # EX_TEMPFAIL: a scheduler may retry the same command
-UNIT_FILES = 64  # files of a folder per unit (one dispatcher round trip each)
 # Units each worker reads at once, interleaved image by image so that a batch mixes
 # units. The interleave is sequential (decoding, the costly part, runs in parallel
 # after it) and there is no shuffle buffer: a worker then holds only these units, which
@@ -155,8 +158,6 @@ class ServiceInput:
     kind = "service"
 
     def __init__(self, stream_input, target: str, job: str):
-        import tensorflow as tf
-
         from simsiam_tf.config import UsageError
 
         if not hasattr(stream_input.source, "units"):
@@ -175,7 +176,6 @@ class ServiceInput:
         self.has_knn_splits = stream_input.has_knn_splits
         self.image_size = stream_input.image_size
         self._delivered = None  # images received per epoch: a tf.Variable, made in pairs()
-        self._tf = tf
 
     def steps_per_epoch(self, global_batch: int, workers: int = 1) -> int:
         """Steps per epoch: the whole dataset's batches, whatever the number of trainers
@@ -189,7 +189,8 @@ class ServiceInput:
         """Images received so far per data epoch (index = epoch - 1), as a numpy array:
         by all trainers together under MultiWorkerMirroredStrategy (a collective: every
         trainer must call it at the same point)."""
-        tf = self._tf
+        import tensorflow as tf
+
         if self._delivered is None:
             return None
         counts = tf.cast(self._delivered.read_value(), tf.float64)  # exact to 2**53
@@ -206,12 +207,13 @@ class ServiceInput:
         to build the model from an iterator of its own, and a second iterator of a named
         job starts the stream again (a new iteration of the job)."""
         if self._delivered is not None:
-            self._delivered.assign(self._tf.zeros_like(self._delivered))
+            self._delivered.assign(np.zeros(self._delivered.shape, np.int64))
 
     def served_dataset(self, local_batch, spec, seed, epochs, initial_epoch=0, augment_on="host"):
         """The pipeline the service workers run: batches of (x1, x2, epoch, image id) over
         epochs initial_epoch..epochs-1 plus a reserve epoch, the views uint8."""
-        tf = self._tf
+        import tensorflow as tf
+
         from simsiam_tf import stream
 
         count, unit_records = self.source.units(seed)
@@ -248,7 +250,8 @@ class ServiceInput:
     def connect(self, local_batch, spec, seed, epochs, initial_epoch=0, augment_on="host"):
         """Register the pipeline with the dispatcher (idempotent: every trainer of a run
         registers the same graph under the same id) and return the dataset id and spec."""
-        tf = self._tf
+        import tensorflow as tf
+
         served = self.served_dataset(local_batch, spec, seed, epochs, initial_epoch, augment_on)
         dataset_id = _with_timeout(
             lambda: tf.data.experimental.service.register_dataset(
@@ -261,7 +264,8 @@ class ServiceInput:
 
     def pairs(self, strategy, global_batch, spec, seed, epochs, initial_epoch=0, augment_on="host"):
         """Batches of two views for `strategy`, read from the service (`data.distribute_pairs`)."""
-        tf = self._tf
+        import tensorflow as tf
+
         from simsiam_tf import data as data_lib
         from simsiam_tf import distribute
 

@@ -251,6 +251,8 @@ class SimSiam(keras.Model):
 
     def train_step(self, data):
         x1, x2 = split_views(data)
+        if x1.dtype == tf.int32:  # uint8 views stacked for MultiWorkerMirroredStrategy (data.distribute_pairs)
+            x1, x2 = tf.cast(x1, tf.uint8), tf.cast(x2, tf.uint8)
         if self.view_augment is not None:
             x1, x2 = self.augment_views(x1, x2)
         elif x1.dtype == tf.uint8:

@@ -52,7 +52,8 @@ def test_stream_epoch_reports_rate_and_peak_memory(python, cifar_dir):
 
 
 def test_data_service_reports_in_process_and_service_rates(python, cifar_dir):
-    out = _run(python, "data_service.py", "--quick", "--photos", "32", "--batches", "1", "--batch", "8")
+    out = _run(python, "data_service.py", "--quick", "--photos", "32", "--batches", "1", "--batch", "8",
+               "--size", "32")
     assert {r["way"] for r in out["rows"]} == {"in process", "service, 1 worker", "service, 2 workers"}
     for r in out["rows"]:
         assert _positive(r["pairs_per_s"]) and _positive(r["trainer_cpu_us_per_pair"])
