@@ -25,7 +25,21 @@ RETRYABLE_STATUS = {429, 502, 503, 504}
 
 
 class ClientError(Exception):
-    """The server rejected a request, or could not be reached after the retries."""
+    """The server rejected a request, or could not be reached after the retries.
+
+    `status` is the HTTP status (None when the server was not reached); `index` is the
+    position of the image the server could not embed, when one image is to blame.
+    """
+
+    def __init__(self, message, status=None, index=None):
+        super().__init__(message)
+        self.status = status
+        self.index = index
+
+
+# How TF Serving's batching refuses a request larger than its max_batch_size
+# ("Task size 100 is larger than maximum input batch size 64").
+_TOO_LARGE = ("larger than maximum input batch size", "max_batch_size")
 
 
 class EmbeddingClient:
@@ -60,19 +74,50 @@ class EmbeddingClient:
         return path if self.version is None else f"{path}/versions/{self.version}"
 
     def embed(self, images: list[bytes]) -> list[list[float]]:
-        """Embeddings of JPEG/PNG-encoded images, in order, in batches of `batch_size`."""
+        """Embeddings of JPEG/PNG-encoded images, in order, in requests of `batch_size`.
+
+        A server that refuses the request size (TF Serving with batching and a smaller
+        max_batch_size) makes the client halve `batch_size` until it fits, and keep it.
+        A request the server cannot run (an image that does not decode fails its whole
+        request) is split until the image to blame is found: ClientError names its
+        index.
+        """
         out = []
-        for start in range(0, len(images), self.batch_size):
+        start = 0
+        while start < len(images):
             batch = images[start : start + self.batch_size]
-            body = {
-                "signature_name": self.signature,
-                "instances": [{"image_bytes": {"b64": base64.b64encode(b).decode("ascii")}} for b in batch],
-            }
-            predictions = self._request("POST", ":predict", body)["predictions"]
-            if len(predictions) != len(batch):
-                raise ClientError(f"server returned {len(predictions)} embeddings for {len(batch)} images")
-            out.extend(predictions)
+            try:
+                out.extend(self._embed_finding_bad(batch, start))
+            except ClientError as e:
+                if e.status != 400 or not any(t in str(e) for t in _TOO_LARGE) or len(batch) == 1:
+                    raise
+                self.batch_size = max(1, len(batch) // 2)
+                print(f"note: the server refused {len(batch)} images per request; sending {self.batch_size}",
+                      file=sys.stderr)
+                continue
+            start += len(batch)
         return out
+
+    def _embed_finding_bad(self, batch: list[bytes], offset: int) -> list[list[float]]:
+        try:
+            return self._predict(batch)
+        except ClientError as e:
+            if e.status != 400 or any(t in str(e) for t in _TOO_LARGE):
+                raise
+            if len(batch) == 1:
+                raise ClientError(f"image {offset} cannot be embedded: {e}", status=400, index=offset) from None
+        half = len(batch) // 2
+        return self._embed_finding_bad(batch[:half], offset) + self._embed_finding_bad(batch[half:], offset + half)
+
+    def _predict(self, batch: list[bytes]) -> list[list[float]]:
+        body = {
+            "signature_name": self.signature,
+            "instances": [{"image_bytes": {"b64": base64.b64encode(b).decode("ascii")}} for b in batch],
+        }
+        predictions = self._request("POST", ":predict", body)["predictions"]
+        if len(predictions) != len(batch):
+            raise ClientError(f"server returned {len(predictions)} embeddings for {len(batch)} images")
+        return predictions
 
     def status(self) -> dict:
         return self._request("GET", "", None)
@@ -92,7 +137,7 @@ class EmbeddingClient:
             except urllib.error.HTTPError as e:
                 message = _error_message(e)
                 if e.code not in RETRYABLE_STATUS or attempt >= self.retries:
-                    raise ClientError(f"{method} {url}: HTTP {e.code}: {message}") from None
+                    raise ClientError(f"{method} {url}: HTTP {e.code}: {message}", status=e.code) from None
                 reason = f"HTTP {e.code}"
             except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
                 if attempt >= self.retries:
@@ -134,7 +179,8 @@ def main(argv=None) -> int:
     try:
         vectors = client.embed(images)
     except ClientError as e:
-        print(f"client: error: {e}", file=sys.stderr)
+        where = f"{args.images[e.index]}: " if e.index is not None else ""
+        print(f"client: error: {where}{e}", file=sys.stderr)
         return 1
     json.dump([{"image": path, "embedding": v} for path, v in zip(args.images, vectors)], sys.stdout)
     sys.stdout.write("\n")

@@ -132,6 +132,20 @@ def next_version(export_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
+def publish_permissions(path: str) -> None:
+    """Make a version readable as a normal directory is (0755 directories, 0644 files).
+
+    `tempfile.mkdtemp` creates 0700, which a server running as another user (a non-root
+    container, Kubernetes runAsNonRoot) cannot read.
+    """
+    os.chmod(path, 0o755)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+
+
 def export_saved_model(
     model: SimSiam,
     config: TrainConfig,
@@ -176,6 +190,7 @@ def export_saved_model(
         }
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
+        publish_permissions(tmp)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

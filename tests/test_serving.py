@@ -188,6 +188,34 @@ def test_client_errors_are_clear(server):
     assert time.time() - started < 10
 
 
+def test_a_bad_image_fails_only_itself_and_the_client_names_it(server):
+    # Decoding happens in the graph, so one bad image fails its whole request; the
+    # client splits the request until it finds it, and the others still embed.
+    client = EmbeddingClient(server["url"], "simsiam", batch_size=4, retries=0)
+    with pytest.raises(ClientError, match="image 2 cannot be embedded") as e:
+        client.embed([PNGS[0], PNGS[1], b"not an image", PNGS[2]])
+    assert e.value.index == 2
+    np.testing.assert_allclose(np.array(client.embed(PNGS)), server["expected"], atol=1e-5)
+
+
+def test_the_client_learns_the_servers_batch_limit(server, monkeypatch):
+    # TF Serving with batching refuses a request above max_batch_size with this message.
+    client = EmbeddingClient(server["url"], "simsiam", batch_size=4, retries=0)
+    real, sizes = client._request, []
+
+    def limited(method, suffix, body):
+        if body is not None:
+            sizes.append(len(body["instances"]))
+            if len(body["instances"]) > 1:
+                raise ClientError(f"POST: HTTP 400: Task size {len(body['instances'])} is larger than maximum "
+                                  "input batch size 1", status=400)
+        return real(method, suffix, body)
+
+    monkeypatch.setattr(client, "_request", limited)
+    np.testing.assert_allclose(np.array(client.embed(PNGS)), server["expected"], atol=1e-5)
+    assert sizes == [4, 2, 1, 1, 1, 1] and client.batch_size == 1
+
+
 def test_end_to_end_cli_train_export_serve_query(tmp_path):
     """train.py -> export.py -> local_server.py -> python -m serving.client, all as a user runs them."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
