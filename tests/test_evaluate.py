@@ -98,20 +98,25 @@ def test_saved_model_on_an_image_folder(exported, tmp_path, capsys):
     assert result["knn"]["top1"] == 1.0 and result["linear_probe"]["top1"] == 1.0
 
 
-def test_run_on_a_tfds_dataset(exported, tmp_path, capsys, monkeypatch):
-    import tensorflow_datasets as tfds
+def test_run_on_a_tfds_dataset(exported, tmp_path, capsys):
+    import tfds_tiny
 
+    # A real TFDS dataset, prepared offline (tests/tfds_tiny.py): four colour classes a
+    # network separates even untrained, so wrong labels, a shuffled split or features
+    # not matched to their images would show as lost accuracy.
+    tfds_tiny.prepare(tmp_path / "tfds", num_train=64, num_test=32, shards=2)
     run_dir, _ = exported
-    # tfds.testing.mock_data stands in for the download; the builder and our loader are real.
-    monkeypatch.setattr(data_lib, "network_available", lambda *a, **k: True)
     out = tmp_path / "tfds.json"
-    with tfds.testing.mock_data(num_examples=40):
-        code, _, err = _main(["--run", run_dir, "--dataset", "cifar10", "--json", str(out)], capsys)
+    code, _, err = _main(["--run", run_dir, "--dataset", "tiny_images", "--data-dir", str(tmp_path / "tfds"),
+                          "--json", str(out)], capsys)
     assert code == 0, err
     result = json.loads(out.read_text())
-    assert result["dataset"] == "cifar10"
-    assert result["train_images"] == 40 and result["test_images"] == 40
-    assert 0.0 <= result["knn"]["top1"] <= 1.0 and 0.0 <= result["linear_probe"]["top1"] <= 1.0
+    assert result["dataset"] == "tiny_images"
+    assert result["train_images"] == 64 and result["test_images"] == 32
+    assert result["knn"]["top1"] >= KNN_FLOOR and result["linear_probe"]["top1"] >= LINEAR_FLOOR
+
+
+KNN_FLOOR = LINEAR_FLOOR = 0.75  # chance is 0.25; measured 1.0 and 1.0 (2026-12-02)
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,20 @@ def test_k_larger_than_bank_and_chunking():
 
 def test_random_features_give_chance():
     rng = np.random.default_rng(2)
-    acc = knn.knn_accuracy(
-        rng.normal(size=(2000, 32)), rng.integers(0, 10, 2000), rng.normal(size=(1000, 32)), rng.integers(0, 10, 1000), 10
-    )
+    bank, bank_labels = rng.normal(size=(2000, 32)), rng.integers(0, 10, 2000)
+    queries, query_labels = rng.normal(size=(1000, 32)), rng.integers(0, 10, 1000)
+    acc = knn.knn_accuracy(bank, bank_labels, queries, query_labels, 10)
     assert acc == pytest.approx(0.1, abs=0.04)
+    # Chance by spreading the votes, not by a degenerate answer: a classifier that always
+    # answers one class also scores ~0.1 on balanced labels. Every class is predicted,
+    # none for more than twice its share (1000 / 10 = 100).
+    counts = np.bincount(knn.knn_predict(bank, bank_labels, queries, 10), minlength=10)
+    assert counts.min() > 0 and counts.max() < 200, counts
+
+
+def test_a_classifier_that_always_answers_one_class_fails_the_chance_test():
+    # The check above must be able to fail: a constant bank label gives one class only.
+    rng = np.random.default_rng(2)
+    bank, queries = rng.normal(size=(2000, 32)), rng.normal(size=(1000, 32))
+    counts = np.bincount(knn.knn_predict(bank, np.full(2000, 3), queries, 10), minlength=10)
+    assert not (counts.min() > 0 and counts.max() < 200)

@@ -78,11 +78,17 @@ def test_kernels_are_distinct_and_reproducible():
     assert k1.shape == k2.shape and not np.allclose(k1, k2)
 
 
-def test_zero_init_residual():
-    backbone = model_lib.build_backbone("resnet18", 32, width=8)
-    for name in ("stage1_block1_2_bn", "stage4_block2_2_bn"):
-        assert np.all(backbone.get_layer(name).gamma.numpy() == 0)
-    assert np.all(backbone.get_layer("stage1_block1_1_bn").gamma.numpy() == 1)
+@pytest.mark.parametrize("name, last", [("resnet18", "2"), ("resnet50", "3")])
+def test_zero_init_residual(name, last):
+    # torchvision's zero_init_residual=True: the last BN of every residual block (bn2 of
+    # a basic block, bn3 of a bottleneck) starts at gamma 0; every other BN at 1.
+    backbone = model_lib.build_backbone(name, 32, width=8)
+    bns = _layers(backbone, keras.layers.BatchNormalization)
+    zero = [b.name for b in bns if np.all(b.gamma.numpy() == 0)]
+    one = [b.name for b in bns if np.all(b.gamma.numpy() == 1)]
+    blocks = 8 if name == "resnet18" else 16
+    assert len(zero) == blocks and all(n.endswith(f"_{last}_bn") for n in zero)
+    assert len(zero) + len(one) == len(bns)
 
 
 def test_resnet18_cifar_variant_matches_torchvision_parameter_count():
@@ -134,7 +140,11 @@ def test_simsiam_outputs_and_bfloat16_keeps_float32_outputs():
     assert all(v.dtype == "float32" for v in m.trainable_variables)
 
 
-def test_sync_bn_flag():
-    m = model_lib.build_simsiam(make_config("digits"), sync_bn=True)
-    bns = _layers(m.projector, keras.layers.BatchNormalization)
-    assert all(b.synchronized for b in bns)
+@pytest.mark.parametrize("sync", [True, False])
+def test_sync_bn_flag(sync):
+    # Every BatchNorm of all three networks follows the flag (the predictor's hidden BN
+    # too: under MirroredStrategy its statistics must span the global batch as well).
+    m = model_lib.build_simsiam(make_config("digits", width=8), sync_bn=sync)
+    for net in (m.backbone, m.projector, m.predictor):
+        bns = _layers(net, keras.layers.BatchNormalization)
+        assert bns and all(b.synchronized == sync for b in bns), net.name
