@@ -63,3 +63,29 @@ def test_epoch_cosine_values():
 def test_lr_scales_with_global_batch():
     assert make_config("cifar", batch_size=512).lr == pytest.approx(0.03 * 2)
     assert make_config("imagenet", batch_size=256).lr == pytest.approx(0.05)
+
+
+def test_every_step_of_a_run_uses_its_epochs_cosine_rate(tmp_path):
+    # Over a whole run, as training wires it: the schedule must get the steps per epoch
+    # that fit() runs, so that every step of epoch k (0-based) uses
+    # lr * 0.5 * (1 + cos(pi * k / epochs)) and the rate changes exactly at epoch ends.
+    from simsiam_tf import training
+
+    config = make_config("digits", width=8, proj_dim=64, pred_dim=16, batch_size=32, epochs=3, train_limit=96,
+                         knn_every=0, diag_every=0, precision="float32")
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            optimizer = self.model.optimizer
+            seen.append((self._epoch, batch, float(optimizer.learning_rate)))
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch = epoch
+
+    training.run(config, str(tmp_path / "run"), verbose=0, extra_callbacks=[Record()])
+    steps = 96 // 32
+    assert [(e, b) for e, b, _ in seen] == [(e, b) for e in range(3) for b in range(steps)]
+    for epoch, _, lr in seen:
+        assert lr == pytest.approx(config.lr * 0.5 * (1 + math.cos(math.pi * epoch / 3)), rel=1e-6)
+    assert len({lr for _, _, lr in seen}) == 3  # one rate per epoch, three different ones
