@@ -296,3 +296,20 @@ def test_device_augmentation_draws_other_views_on_each_replica(mirrored):
     a, b = [v.numpy() for v in mirrored.experimental_local_results(x1)]
     assert a.shape == (4, 32, 32, 3) and np.abs(a - b).mean() > 0.05
     assert np.abs(a - mirrored.experimental_local_results(x2)[0].numpy()).mean() > 0.05  # and per view
+
+
+def test_crops_come_from_the_boxes_position_on_asymmetric_images():
+    # Boxes away from the corners, on images taller than wide, with random pixels: a
+    # swapped x/y or an off-by-one in the corners picks other pixels and fails. Crops of
+    # exactly `size` pixels (and of 2 * size - 1, every other pixel) are sampled without
+    # interpolation, so they equal plain slices.
+    rng = np.random.default_rng(7)
+    size = 6
+    images = rng.integers(0, 256, (4, 23, 17, 3)).astype(np.float32)
+    boxes = np.array([[3, 9, size, size], [15, 2, size, size], [1, 5, 2 * size - 1, 2 * size - 1], [9, 0, size, size]])
+    flips = np.array([False, False, False, True])
+    out = aug.crop_resize_flip(tf.constant(images), tf.constant(boxes, tf.int32), tf.constant(flips), size).numpy()
+    np.testing.assert_array_equal(out[0], images[0, 3:9, 9:15])
+    np.testing.assert_array_equal(out[1], images[1, 15:21, 2:8])
+    np.testing.assert_array_equal(out[2], images[2, 1:12:2, 5:16:2])
+    np.testing.assert_array_equal(out[3], images[3, 9:15, 0:6][:, ::-1])  # mirrored left-right
