@@ -218,7 +218,10 @@ def run(
             save_config(config, os.path.join(logdir, "config.json"))
     reporting, monitor = reporting_callbacks(config, logdir, training_input, steps, initial_epoch, previous, chief)
     if training_input.kind == "service":
-        reporting.insert(-2, cb.ServiceDelivery(training_input, initial_epoch, (previous or {}).get("images_missed", 0), chief))
+        # Before the callbacks that record the epoch's logs (TensorBoard, summary.json).
+        at = next(i for i, c in enumerate(reporting) if isinstance(c, cb.TensorBoardLogger))
+        missed_before = (previous or {}).get("images_missed", 0)
+        reporting.insert(at, cb.ServiceDelivery(training_input, initial_epoch, missed_before, chief))
         reporting.insert(0, cb.DispatcherWatchdog(training_input.target, config.data_service_grace, backup_dir, logdir))
     # The guard runs first, so a NaN step is flagged before anything saves; the progress
     # bar prints each epoch's training logs before the reporting callbacks add theirs.
