@@ -1,8 +1,13 @@
 """Evaluate a trained encoder: weighted kNN and a linear probe on frozen features.
 
-    python evaluate.py --run runs/20261128-034500                  # the run's best checkpoint
-    python evaluate.py --saved-model exports/simsiam/1             # exactly what is served
+    python evaluate.py --run runs/20261128-034500                  # the checkpoint chosen on validation
+    python evaluate.py --saved-model exports/simsiam/1             # exactly what is served, on its run's dataset
     python evaluate.py --saved-model exports/simsiam/1 --dataset folder:../shared/datasets/cifar10
+
+kNN and the linear probe are scored on the test split. With --run, which checkpoint is
+printed: "val-selected" (chosen by kNN on the run's validation split, never on the test
+split) or "last". The run's validation split stays out of the kNN bank and the probe's
+training set.
 
 Prints kNN top-1 (k = 200, T = 0.1) and linear-probe top-1 (l2-regularised logistic
 regression, C chosen on a held-out 20% of the training split; see docs/evaluation.md)
@@ -40,11 +45,17 @@ def build_parser():
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run directory written by train.py")
     source.add_argument("--saved-model", help="SavedModel version written by export.py (EXPORT_DIR/N, or EXPORT_DIR for the latest)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="with --run: which checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        default="best",
+        choices=("best", "last"),
+        help="with --run: best = the checkpoint chosen by kNN on the validation split (the last one when the run "
+        "has none), or last",
+    )
     p.add_argument(
         "--dataset",
-        help="digits, folder:PATH, tfrecord:GLOB or a tensorflow-datasets name (default: the run's; digits for "
-        "--saved-model). Read in memory or streamed, as train.py --input auto chooses",
+        help="digits, folder:PATH, tfrecord:GLOB or a tensorflow-datasets name (default: the one the run, or the "
+        "export's run, trained on). Read in memory or streamed, as train.py --input auto chooses",
     )
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     p.add_argument("--train-limit", type=_count, default=0, help="use a fixed random subset of N training images (0 = all)")
@@ -66,33 +77,43 @@ def main(argv=None) -> int:
             embed, source = evaluation.run_encoder(args.run, args.checkpoint)
             dataset = args.dataset or source["dataset"]
             data_dir = args.data_dir or source["data_dir"]
+            # The run's own validation split stays out of the kNN bank and the probe's
+            # training set, as in training; on another dataset there is nothing to hold out.
+            val_fraction = source["val_fraction"] if dataset == source["dataset"] else 0.0
             out = args.json or os.path.join(args.run, "evaluation.json")
         else:
             embed, source = evaluation.saved_model_encoder(args.saved_model)
-            dataset, data_dir = args.dataset or "digits", args.data_dir
+            # The export's metadata names the dataset its run trained on (exports of
+            # older versions do not: digits then, unless --dataset says otherwise).
+            dataset = args.dataset or source["dataset"] or "digits"
+            data_dir = args.data_dir or (source["data_dir"] if dataset == source["dataset"] else None)
+            val_fraction = source["val_fraction"] if dataset == source["dataset"] else 0.0
             out = args.json or "evaluation.json"
         out_dir = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(out_dir):
             raise UsageError(f"--json {out!r}: directory {out_dir!r} does not exist")
-        data = inputs.open_eval_input(dataset, source["image_size"], data_dir, args.train_limit)
+        data = inputs.open_eval_input(dataset, source["image_size"], data_dir, args.train_limit, val_fraction)
         result = {"source": source, **evaluation.evaluate(embed, data)}
         write_json_atomic(out, result)
     except UsageError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     probe = result["linear_probe"]
-    described = source["path"] + (f" ({source['checkpoint']})" if source["kind"] == "run" else "")
+    described = source["path"] + (f" ({source['selection']}: {source['checkpoint']})" if source["kind"] == "run" else "")
     print(
         f"{described} on {result['dataset']}: {result['train_images']:,} train / {result['test_images']:,} "
         f"test images, {result['embedding_dim']}-d embedding"
     )
-    print(f"kNN top-1 (k={result['knn']['k']}, T={result['knn']['temperature']}): {result['knn']['top1']:.4f}")
+    print(f"kNN top-1 (k={result['knn']['k']}, T={result['knn']['temperature']}) on the test split: {result['knn']['top1']:.4f}")
     print(
         f"linear probe top-1: {probe['top1']:.4f} (C={probe['C']:g}, chosen on "
         f"{probe['validation_images']:,} held-out training images)"
     )
     print(f"wrote {out}")
-    print(json.dumps({"knn_top1": result["knn"]["top1"], "linear_probe_top1": probe["top1"]}))
+    line = {"knn_top1": result["knn"]["top1"], "linear_probe_top1": probe["top1"]}
+    if source["kind"] == "run":
+        line["checkpoint"] = source["selection"]
+    print(json.dumps(line))
     return 0
 
 

@@ -38,7 +38,12 @@ def build_parser():
     p.add_argument("--version", type=_version, help="version number (default: the next integer)")
     p.add_argument("--output", default="features", choices=("features", "projection"),
                    help="embedding to serve: backbone features (default) or the projection z")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of the run")
+    p.add_argument(
+        "--checkpoint",
+        default="best",
+        choices=("best", "last"),
+        help="best = the checkpoint chosen by kNN on the validation split (the last one when the run has none), or last",
+    )
     return p
 
 
@@ -54,7 +59,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"Exported {source} ({args.output}) to {path}")
+    print(f"Exported {source} ({export.checkpoint_selection(source)}, {args.output}) to {path}")
     print("Signatures:")
     print(export.describe_signatures(path))
     return 0

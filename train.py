@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diag-every", type=_positive_int, help="representation diagnostics every N epochs (0 = off)")
     p.add_argument("--train-limit", type=_positive_int, help="train on a fixed random subset of N images (0 = all)")
     p.add_argument(
+        "--val-fraction",
+        type=_number,
+        help="hold this fixed, stratified part of the labelled training split out as the validation split, on "
+        "which kNN chooses checkpoints/best (default 0.1; a TFDS dataset's own validation split where it has one; "
+        "0 = none)",
+    )
+    p.add_argument(
         "--input",
         help="auto (default: memory when the dataset fits half this machine's memory and trains below 96 px, "
         "else stream), memory (decode once, hold in memory) or stream (read from disk every epoch; "
@@ -112,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_KEYS = (
     "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
     "strategy", "cpu_replicas", "precision", "stop_gradient", "backbone", "width",
-    "image_size", "knn_every", "knn_train_limit", "train_limit", "diag_every", "input", "augment_on",
+    "image_size", "knn_every", "knn_train_limit", "train_limit", "val_fraction", "diag_every", "input", "augment_on",
     "data_service", "data_service_grace",
 )
 

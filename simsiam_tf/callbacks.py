@@ -148,29 +148,35 @@ def calibrate_batchnorm(backbone: keras.Model, split, image_size: int, steps: in
 
 
 class KnnProbe:
-    """kNN top-1 of the backbone's features: bank = train split, queries = test split.
+    """kNN top-1 of the backbone's features: bank = train split, queries = the test
+    split and, when there is one, the validation split.
 
-    `bank` and `test` are evaluation splits (`data.ArrayEvalImages` in memory,
+    `bank` and the query splits are evaluation splits (`data.ArrayEvalImages` in memory,
     `stream.StreamEvalImages` read from disk at every evaluation).
     """
 
-    def __init__(self, bank, test, image_size: int, k: int, temperature: float, num_classes: int | None = None):
+    def __init__(self, bank, test, image_size: int, k: int, temperature: float, num_classes: int | None = None,
+                 val=None):
         self.bank = bank
-        self.test = test
+        self.queries = {"test": test} if val is None else {"val": val, "test": test}
         self.num_classes = num_classes
         self.image_size = image_size
         self.k = k
         self.temperature = temperature
         self._extractors = {}
 
-    def __call__(self, backbone: keras.Model) -> float:
+    def __call__(self, backbone: keras.Model) -> dict[str, float]:
+        """Top-1 per query split: {"test": ..., "val": ...} (no "val" without one)."""
         if id(backbone) not in self._extractors:
             self._extractors[id(backbone)] = FeatureExtractor(backbone, self.image_size)
         extract = self._extractors[id(backbone)]
         bank, bank_labels = extract.embed_split(self.bank)
-        queries, test_labels = extract.embed_split(self.test)
-        num_classes = max(self.num_classes or 0, int(max(bank_labels.max(), test_labels.max())) + 1)
-        return knn.knn_accuracy(bank, bank_labels, queries, test_labels, num_classes, self.k, self.temperature)
+        top1 = {}
+        for name, split in self.queries.items():
+            queries, labels = extract.embed_split(split)
+            num_classes = max(self.num_classes or 0, int(max(bank_labels.max(), labels.max())) + 1)
+            top1[name] = knn.knn_accuracy(bank, bank_labels, queries, labels, num_classes, self.k, self.temperature)
+        return top1
 
 
 class DivergenceGuard(keras.callbacks.Callback):
@@ -205,9 +211,14 @@ class DivergenceGuard(keras.callbacks.Callback):
 # ---------------------------------------------------------------------------
 # What a run reports. One callback per job; they talk through the epoch's `logs`
 # dict, which Keras hands to each callback in turn: EpochTimer adds `epoch_seconds`,
-# KnnMonitor `knn_top1`, BestCheckpoint `knn_top1_best` and `knn_best_epoch`,
+# KnnMonitor `knn_top1` (test split) and `knn_val_top1` (validation split),
+# BestCheckpoint `knn_val_top1_best`, `knn_best_epoch` and `knn_top1_val_selected`,
 # SkippedImages `skipped_images`, and TensorBoardLogger and RunSummary, listed after
 # them, record what they find (`training.reporting_callbacks` builds the list).
+#
+# The protocol: the test split is measured, never used to choose. The best checkpoint
+# is the one with the best kNN on the validation split, held out of training; its test
+# accuracy (`knn_top1_val_selected`) is reported beside the last model's (`knn_top1`).
 
 
 def _diverged(model) -> bool:
@@ -228,7 +239,8 @@ class EpochTimer(keras.callbacks.Callback):
 
 class KnnMonitor(keras.callbacks.Callback):
     """kNN top-1 of the backbone before training and every `every` epochs (and after the
-    last), as `logs["knn_top1"]`.
+    last), as `logs["knn_top1"]` on the test split and `logs["knn_val_top1"]` on the
+    validation split (when the probe has one).
 
     Before training, BatchNorm statistics are first estimated from the bank
     (`calibrate_batchnorm`), so "before" measures the random network fairly. Every
@@ -246,7 +258,7 @@ class KnnMonitor(keras.callbacks.Callback):
         self.is_chief = is_chief
         self.initial_top1 = initial_top1
 
-    def _evaluate(self) -> float:
+    def _evaluate(self) -> dict[str, float]:
         return self.probe(self.model.backbone)
 
     def on_train_begin(self, logs=None):
@@ -254,57 +266,71 @@ class KnnMonitor(keras.callbacks.Callback):
             return
         calibrate_batchnorm(self.model.backbone, self.probe.bank, self.probe.image_size)
         if self.is_chief and self.initial_top1 is None:
-            self.initial_top1 = self._evaluate()
-            print(f"kNN top-1 before training: {self.initial_top1:.4f} (random init, BatchNorm statistics from data)",
-                  flush=True)
+            self.initial_top1 = self._evaluate()["test"]
+            print(f"kNN top-1 before training: {self.initial_top1:.4f} on the test split (random init, BatchNorm "
+                  "statistics from data)", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
         if not self.is_chief or _diverged(self.model) or logs is None:
             return
         if self.every and (done % self.every == 0 or done == self.epochs):
-            logs["knn_top1"] = self._evaluate()
-            print(f"\nepoch {done}: kNN top-1 {logs['knn_top1']:.4f}", flush=True)
+            top1 = self._evaluate()
+            logs["knn_top1"] = top1["test"]
+            line = f"\nepoch {done}: kNN top-1 {top1['test']:.4f} test"
+            if "val" in top1:
+                logs["knn_val_top1"] = top1["val"]
+                line += f", {top1['val']:.4f} validation"
+            print(line, flush=True)
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """Keeps the weights with the best `logs["knn_top1"]` in checkpoints/best/.
+    """Keeps the weights with the best `logs["knn_val_top1"]` in checkpoints/best/.
 
-    Chosen by kNN accuracy, never by the self-supervised loss, which a collapsed model
-    minimises. Adds `knn_top1_best` and `knn_best_epoch` to every epoch's logs once a
-    kNN result exists.
+    Chosen on the validation split, never on the test split it is reported on, and never
+    by the self-supervised loss, which a collapsed model minimises. Adds
+    `knn_val_top1_best`, `knn_best_epoch` and `knn_top1_val_selected` (the chosen
+    checkpoint's test top-1) to every epoch's logs once a result exists.
     """
 
-    def __init__(self, logdir: str, is_chief: bool = True, best: float | None = None, best_epoch: int | None = None):
+    def __init__(self, logdir: str, is_chief: bool = True, previous: dict | None = None):
         super().__init__()
         self.logdir = logdir
         self.is_chief = is_chief
-        self.best = best
-        self.best_epoch = best_epoch
+        previous = previous or {}
+        self.best = previous.get("knn_val_top1_best")
+        self.best_epoch = previous.get("knn_best_epoch") if self.best is not None else None
+        self.test_at_best = previous.get("knn_top1_val_selected") if self.best is not None else None
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or _diverged(self.model):
             return
-        top1 = logs.get("knn_top1")
-        if top1 is not None and (self.best is None or top1 > self.best):
-            self.best, self.best_epoch = top1, epoch + 1
+        val = logs.get("knn_val_top1")
+        if val is not None and (self.best is None or val > self.best):
+            self.best, self.best_epoch, self.test_at_best = val, epoch + 1, logs.get("knn_top1")
             if self.is_chief:
                 best_dir = os.path.join(self.logdir, BEST_DIR)
                 os.makedirs(best_dir, exist_ok=True)
                 _save_weights_atomic(self.model, os.path.join(best_dir, WEIGHTS_FILE))
-                write_json_atomic(os.path.join(best_dir, "info.json"), {"epoch": epoch + 1, "knn_top1": top1})
+                write_json_atomic(
+                    os.path.join(best_dir, "info.json"),
+                    {"epoch": epoch + 1, "selected_on": "val", "knn_val_top1": val, "knn_top1": self.test_at_best},
+                )
         if self.best is not None:
-            logs["knn_top1_best"] = self.best
+            logs["knn_val_top1_best"] = self.best
             logs["knn_best_epoch"] = self.best_epoch
+            logs["knn_top1_val_selected"] = self.test_at_best
 
 
 class TensorBoardLogger(keras.callbacks.Callback):
     """TensorBoard scalars and the preview of augmented views.
 
     Tags: train/loss, train/z_std, train/lr every `log_every` steps; epoch/loss,
-    epoch/z_std, epoch/lr; knn/top1 (step 0 = before training); data/skipped_images
-    when files could not be decoded; images views/pairs (view 1 | view 2 per row).
-    Written by the chief only.
+    epoch/z_std, epoch/lr; knn/test_top1 (the model of that epoch; step 0 = before
+    training), knn/val_top1, and knn/test_top1_val_selected (the test top-1 of the
+    checkpoint the validation split has chosen so far); data/skipped_images when files
+    could not be decoded; images views/pairs (view 1 | view 2 per row). Written by the
+    chief only.
     """
 
     def __init__(self, logdir: str, steps_per_epoch: int, log_every: int, view_pairs=None,
@@ -325,7 +351,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
         if self.writer is None:
             return
         if self.knn is not None and self.knn.initial_epoch == 0:
-            self._scalar("knn/top1", self.knn.initial_top1, 0)
+            self._scalar("knn/test_top1", self.knn.initial_top1, 0)
         if self.view_pairs is not None:
             x1, x2 = self.view_pairs
             mean, std = np.array(aug.IMAGENET_MEAN), np.array(aug.IMAGENET_STD)
@@ -348,7 +374,9 @@ class TensorBoardLogger(keras.callbacks.Callback):
         for key in ("loss", "z_std", "lr"):
             if key in logs:
                 self._scalar(f"epoch/{key}", np.ravel(logs[key])[0], step)
-        self._scalar("knn/top1", logs.get("knn_top1"), step)
+        self._scalar("knn/test_top1", logs.get("knn_top1"), step)
+        self._scalar("knn/val_top1", logs.get("knn_val_top1"), step)
+        self._scalar("knn/test_top1_val_selected", logs.get("knn_top1_val_selected"), step)
         if logs.get("skipped_images"):
             self._scalar("data/skipped_images", logs["skipped_images"], step)
         if logs.get("images_missed") is not None:
@@ -495,8 +523,11 @@ class DispatcherWatchdog(keras.callbacks.Callback):
 class RunSummary(keras.callbacks.Callback):
     """summary.json, rewritten atomically after every epoch.
 
-    Fields: epochs_completed, epochs, loss, z_std, z_std_reference, knn_top1,
-    knn_top1_init, knn_top1_best, knn_best_epoch, skipped_images, train_images_per_sec,
+    Fields: epochs_completed, epochs, loss, z_std, z_std_reference; kNN top-1 on the
+    test split of the last model (knn_top1), of the random initial one (knn_top1_init)
+    and of the checkpoint chosen on the validation split (knn_top1_val_selected, from
+    epoch knn_best_epoch, where the validation top-1 was knn_val_top1_best); the last
+    model's validation top-1 (knn_val_top1); skipped_images, train_images_per_sec,
     train_time_s, train_images, wall_time_s, and `history` (one record per epoch). On
     resume it continues the previous summary.
     """
@@ -519,8 +550,10 @@ class RunSummary(keras.callbacks.Callback):
             "z_std_reference": 1.0 / np.sqrt(config.proj_dim),
             "knn_top1": prev.get("knn_top1"),
             "knn_top1_init": prev.get("knn_top1_init"),
-            "knn_top1_best": prev.get("knn_top1_best"),
+            "knn_val_top1": prev.get("knn_val_top1"),
+            "knn_val_top1_best": prev.get("knn_val_top1_best"),
             "knn_best_epoch": prev.get("knn_best_epoch"),
+            "knn_top1_val_selected": prev.get("knn_top1_val_selected"),
             "skipped_images": prev.get("skipped_images", 0),
             "train_images_per_sec": prev.get("train_images_per_sec"),
             "wall_time_s": prev.get("wall_time_s", 0.0),
@@ -562,10 +595,12 @@ class RunSummary(keras.callbacks.Callback):
             self._train_time += epoch_time
             self._train_images += images
         record = {"epoch": epoch + 1, "loss": value("loss"), "z_std": value("z_std"), "lr": value("lr")}
-        if logs.get("knn_top1") is not None:
-            record["knn_top1"] = value("knn_top1")
-            self.summary["knn_top1"] = record["knn_top1"]
-        for key in ("knn_top1_best", "knn_best_epoch", "skipped_images", "images_missed"):
+        for key in ("knn_top1", "knn_val_top1"):
+            if logs.get(key) is not None:
+                record[key] = value(key)
+                self.summary[key] = record[key]
+        keys = ("knn_val_top1_best", "knn_best_epoch", "knn_top1_val_selected", "skipped_images", "images_missed")
+        for key in keys:
             if logs.get(key) is not None:
                 self.summary[key] = logs[key]
         self.summary["epochs_completed"] = epoch + 1

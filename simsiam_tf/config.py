@@ -67,6 +67,11 @@ class TrainConfig:
     knn_temperature: float = 0.1
     knn_train_limit: int = 0
     train_limit: int = 0
+    # Validation: a fixed stratified fraction of the labelled training split, held out
+    # of training; kNN on it chooses checkpoints/best (the test split never chooses
+    # anything). A TFDS dataset's own validation split is used where it has one beside
+    # its test split. 0 = no validation split and no best checkpoint.
+    val_fraction: float = 0.1
     # Input (simsiam_tf.inputs): decoded in memory, or streamed from disk; and where
     # the flip, colour and blur steps of the augmentation run (tf.data on the host, or
     # inside train_step on each replica's device).
@@ -219,6 +224,7 @@ def validate(c: TrainConfig) -> None:
     need(c.knn_k >= 1, f"knn_k must be at least 1, got {c.knn_k}")
     need(c.knn_temperature > 0, f"knn_temperature must be positive, got {c.knn_temperature}")
     need(c.knn_train_limit >= 0 and c.train_limit >= 0, "limits must be >= 0 (0 = no limit)")
+    need(0 <= c.val_fraction <= 0.5, f"--val-fraction must be in [0, 0.5] (0 = no validation split), got {c.val_fraction}")
     need(c.log_every_steps >= 1, f"log_every_steps must be at least 1, got {c.log_every_steps}")
     need(c.seed >= 0, f"--seed must be >= 0, got {c.seed}")
     need(c.diag_every >= 0, f"--diag-every must be >= 0 (0 turns diagnostics off), got {c.diag_every}")
@@ -241,6 +247,8 @@ def load_config(path: str) -> TrainConfig:
     except json.JSONDecodeError as e:
         raise UsageError(f"{path} is not valid JSON ({e}); the run directory is damaged")
     _check_keys(data)
+    # Runs written before validation splits existed trained on the whole training split.
+    data.setdefault("val_fraction", 0.0)
     config = TrainConfig(**data)
     validate(config)
     return config

@@ -39,6 +39,8 @@ class ImageData:
         train_labels, test_labels: int32 [N], or None where the split is unlabelled.
         class_names: names of the label ids, [] when unlabelled.
         skipped: files that could not be decoded and were left out.
+        val_images, val_labels: the validation split held out of the training split
+            (`hold_out`), or None.
     """
 
     name: str
@@ -48,6 +50,8 @@ class ImageData:
     test_labels: np.ndarray | None
     class_names: list[str]
     skipped: list[str] = dataclasses.field(default_factory=list)
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
 
     @property
     def has_knn_splits(self) -> bool:
@@ -59,6 +63,11 @@ class ImageData:
             and len(self.test_images) > 0
         )
 
+    @property
+    def has_val(self) -> bool:
+        """True when a labelled validation split exists to choose checkpoints on."""
+        return self.val_labels is not None and len(self.val_labels) > 0
+
 
 def load(
     dataset: str,
@@ -66,6 +75,7 @@ def load(
     data_dir: str | None = None,
     train_limit: int = 0,
     memory_fraction: float = 0.5,
+    val_fraction: float = 0.0,
 ) -> ImageData:
     """Load `dataset` into memory at `image_size`.
 
@@ -75,6 +85,9 @@ def load(
         train_limit: keep a fixed random subset of this many training images (0 = all).
         memory_fraction: refuse datasets whose images need more than this fraction of
             the machine's memory.
+        val_fraction: hold this stratified fraction of the (limited) labelled training
+            split out as the validation split (`hold_out`); a TFDS dataset with both a
+            test and a validation split keeps its own.
 
     Raises:
         UsageError: unknown dataset, missing or empty folder, no network for a TFDS
@@ -83,15 +96,40 @@ def load(
     if dataset == "digits":
         data = load_digits(image_size)
     elif dataset.startswith("folder:"):
-        data = load_folder(dataset[len("folder:"):], image_size, memory_fraction, train_limit)
+        data = load_folder(dataset[len("folder:"):], image_size, memory_fraction, train_limit, val_fraction)
     else:
-        data = load_tfds(dataset, image_size, data_dir, memory_fraction)
-    if train_limit and train_limit < len(data.train_images):
+        data = load_tfds(dataset, image_size, data_dir, memory_fraction, val_fraction)
+    if train_limit and train_limit < len(data.train_images) and not dataset.startswith("folder:"):
         keep = subset(len(data.train_images), train_limit)
         data.train_images = data.train_images[keep]
         if data.train_labels is not None:
             data.train_labels = data.train_labels[keep]
+    if val_fraction and data.val_images is None and data.train_labels is not None:
+        train, val = hold_out(data.train_labels, val_fraction)
+        data.val_images, data.val_labels = data.train_images[val], data.train_labels[val]
+        data.train_images, data.train_labels = data.train_images[train], data.train_labels[train]
     return data
+
+
+VAL_SEED = 0  # the validation split is the same whatever --seed a run uses
+
+
+def hold_out(labels, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices) of a labelled split, both sorted.
+
+    Stratified and fixed: of each class's n images, round(fraction * n) drawn at random
+    from `VAL_SEED` go to validation (never all of them), so every class keeps its share
+    in both parts and every run of a dataset holds out the same images.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(VAL_SEED)
+    val = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = min(int(round(fraction * len(members))), len(members) - 1)
+        val.extend(rng.permutation(members)[:count].tolist())
+    val = np.sort(np.asarray(val, np.int64))
+    return np.setdiff1d(np.arange(len(labels)), val), val
 
 
 def subset(n: int, limit: int) -> np.ndarray:
@@ -182,12 +220,17 @@ class FolderFiles:
     test_files: list[str]
     test_labels: list[int] | None
     class_names: list[str]
+    val_files: list[str] = dataclasses.field(default_factory=list)
+    val_labels: list[int] | None = None
 
 
-def scan_folder(path: str, train_limit: int = 0) -> FolderFiles:
+def scan_folder(path: str, train_limit: int = 0, val_fraction: float = 0.0) -> FolderFiles:
     """Find the images of PATH/train/<class>/* and PATH/test/<class>/*, or of loose images.
 
-    With `train_limit`, a fixed random subset of the training files (`subset`).
+    With `train_limit`, a fixed random subset of the training files (`subset`); with
+    `val_fraction`, that part of the labelled training files held out as the validation
+    split (`hold_out`; by file, so the in-memory and the streaming input hold out the
+    same images).
 
     Raises:
         UsageError: missing or empty folder, or test classes the train split lacks.
@@ -222,20 +265,28 @@ def scan_folder(path: str, train_limit: int = 0) -> FolderFiles:
         keep = subset(len(train_files), train_limit)
         train_files = [train_files[i] for i in keep]
         train_labels = None if train_labels is None else [train_labels[i] for i in keep]
-    return FolderFiles(path, train_root, train_files, train_labels, test_files, test_labels, classes)
+    found = FolderFiles(path, train_root, train_files, train_labels, test_files, test_labels, classes)
+    if val_fraction and train_labels is not None:
+        train, val = hold_out(train_labels, val_fraction)
+        found.val_files, found.val_labels = [train_files[i] for i in val], [train_labels[i] for i in val]
+        found.train_files, found.train_labels = [train_files[i] for i in train], [train_labels[i] for i in train]
+    return found
 
 
-def load_folder(path: str, image_size: int, memory_fraction: float = 0.5, train_limit: int = 0) -> ImageData:
+def load_folder(
+    path: str, image_size: int, memory_fraction: float = 0.5, train_limit: int = 0, val_fraction: float = 0.0
+) -> ImageData:
     """Read an image folder: PATH/train/<class>/* and PATH/test/<class>/*, or loose images.
 
     Files that cannot be decoded are skipped and listed in `ImageData.skipped`. With
-    `train_limit`, only that many training files (a fixed random subset) are decoded.
+    `train_limit`, only that many training files (a fixed random subset) are decoded;
+    `val_fraction` as in `scan_folder`.
     """
-    found = scan_folder(path, train_limit)
+    found = scan_folder(path, train_limit, val_fraction)
     train_root, classes = found.train_root, found.class_names
     train_files, train_labels = found.train_files, found.train_labels
     test_files, test_labels = found.test_files, found.test_labels
-    _check_memory(len(train_files) + len(test_files), image_size, memory_fraction, path)
+    _check_memory(len(train_files) + len(test_files) + len(found.val_files), image_size, memory_fraction, path)
 
     name = f"folder:{path}"
     started = time.time()
@@ -243,8 +294,11 @@ def load_folder(path: str, image_size: int, memory_fraction: float = 0.5, train_
     x_test, y_test, bad_test = (None, None, [])
     if test_files:
         x_test, y_test, bad_test = decode_files(test_files, test_labels, image_size)
+    x_val, y_val, bad_val = (None, None, [])
+    if found.val_files:
+        x_val, y_val, bad_val = decode_files(found.val_files, found.val_labels, image_size)
     print(
-        f"Decoded {len(train_files) + len(test_files):,} images from {path} "
+        f"Decoded {len(train_files) + len(test_files) + len(found.val_files):,} images from {path} "
         f"in {time.time() - started:.0f} s",
         file=sys.stderr,
     )
@@ -257,7 +311,9 @@ def load_folder(path: str, image_size: int, memory_fraction: float = 0.5, train_
         test_images=x_test,
         test_labels=y_test,
         class_names=classes,
-        skipped=bad_train + bad_test,
+        skipped=bad_train + bad_val + bad_test,
+        val_images=x_val,
+        val_labels=y_val,
     )
 
 
@@ -397,8 +453,17 @@ def tfds_test_split(builder) -> str | None:
     return next((s for s in ("test", "validation") if s in splits), None)
 
 
-def load_tfds(name: str, image_size: int, data_dir: str | None, memory_fraction: float = 0.5) -> ImageData:
-    """Load a tensorflow-datasets image classification dataset ("train" and "test" splits)."""
+def tfds_val_split(builder) -> str | None:
+    """The dataset's own validation split, when it has one beside its test split."""
+    splits = list(builder.info.splits.keys())
+    return "validation" if "validation" in splits and tfds_test_split(builder) == "test" else None
+
+
+def load_tfds(
+    name: str, image_size: int, data_dir: str | None, memory_fraction: float = 0.5, val_fraction: float = 0.0
+) -> ImageData:
+    """Load a tensorflow-datasets image classification dataset ("train" and "test" splits,
+    and with `val_fraction` its "validation" split where it has one beside "test")."""
     builder = tfds_builder(name, data_dir)
     supervised = builder.info.supervised_keys is not None
     label_feature = builder.info.features["label"] if "label" in builder.info.features else None
@@ -425,6 +490,8 @@ def load_tfds(name: str, image_size: int, data_dir: str | None, memory_fraction:
 
     x_train, y_train = materialise("train")
     x_test, y_test = materialise(test_split) if test_split else (None, None)
+    val_split = tfds_val_split(builder) if val_fraction and supervised else None
+    x_val, y_val = materialise(val_split) if val_split else (None, None)
     if not supervised:
         y_train = y_test = None
     return ImageData(
@@ -434,6 +501,8 @@ def load_tfds(name: str, image_size: int, data_dir: str | None, memory_fraction:
         test_images=x_test,
         test_labels=y_test,
         class_names=class_names,
+        val_images=x_val,
+        val_labels=y_val,
     )
 
 
@@ -618,6 +687,7 @@ class MemoryInput:
         self.skipped = data.skipped
         self.class_names = data.class_names
         self.has_knn_splits = data.has_knn_splits
+        self.has_val = data.has_val
 
     def steps_per_epoch(self, global_batch: int, workers: int = 1) -> int:
         return steps_per_epoch(self.num_train, global_batch)
@@ -628,9 +698,9 @@ class MemoryInput:
         return distributed_pairs(strategy, self.data.train_images, global_batch, layer, seed, epochs, initial_epoch)
 
     def eval_images(self, split: str, limit: int = 0) -> ArrayEvalImages:
-        """A fixed subset (`subset`, independent of --seed) of the train or test split."""
-        images = self.data.train_images if split == "train" else self.data.test_images
-        labels = self.data.train_labels if split == "train" else self.data.test_labels
+        """A fixed subset (`subset`, independent of --seed) of the train, val or test split."""
+        images = getattr(self.data, f"{split}_images")
+        labels = getattr(self.data, f"{split}_labels")
         keep = subset(len(images), limit)
         return ArrayEvalImages(images[keep], None if labels is None else labels[keep])
 

@@ -174,6 +174,7 @@ class ServiceInput:
         self.skipped: list[str] = []
         self.class_names = stream_input.class_names
         self.has_knn_splits = stream_input.has_knn_splits
+        self.has_val = stream_input.has_val
         self.image_size = stream_input.image_size
         self._delivered = None  # images received per epoch: a tf.Variable, made in pairs()
 

@@ -39,7 +39,8 @@ METADATA_FILE = "simsiam_export.json"
 
 
 def checkpoint_path(run_dir: str, which: str = "best") -> str:
-    """The weights file of a run: the best-by-kNN checkpoint, else the last one."""
+    """The weights file of a run: the checkpoint chosen by kNN on the validation split
+    (`callbacks.BestCheckpoint`), else the last one."""
     best = os.path.join(run_dir, BEST_DIR, WEIGHTS_FILE)
     last = os.path.join(run_dir, LAST_DIR, "latest.weights.h5")
     if which == "best" and os.path.exists(best):
@@ -50,6 +51,28 @@ def checkpoint_path(run_dir: str, which: str = "best") -> str:
         f"{run_dir!r} has no checkpoint (looked for {best} and {last}); "
         "pass the run directory of a train.py run that completed an epoch"
     )
+
+
+def checkpoint_selection(path: str) -> str:
+    """How the checkpoint at `path` was chosen, as reports label it: "last (epoch N)",
+    "val-selected (epoch N)", or, for runs of versions that chose on the test split,
+    "test-selected (epoch N; chosen on the test split by an older version)"."""
+    directory = os.path.dirname(path)
+    if os.path.basename(directory) != os.path.basename(BEST_DIR):
+        meta = os.path.join(directory, "training_metadata.json")
+        epoch = None
+        if os.path.exists(meta):
+            with open(meta) as f:
+                epoch = json.load(f).get("epoch")
+        return "last" + (f" (epoch {epoch})" if epoch is not None else "")
+    info_path = os.path.join(directory, "info.json")
+    info = {}
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+    if info.get("selected_on") == "val":
+        return f"val-selected (epoch {info['epoch']})"
+    return f"test-selected (epoch {info.get('epoch', '?')}; chosen on the test split by an older version)"
 
 
 def load_run(run_dir: str, which: str = "best") -> tuple[TrainConfig, SimSiam, str]:
@@ -186,7 +209,13 @@ def export_saved_model(
             "image_size": config.image_size,
             "precision": config.precision,
             "backbone": config.backbone,
+            # What evaluate.py --saved-model scores it on by default, with the same
+            # validation split held out of the kNN bank as in training.
+            "dataset": config.dataset,
+            "data_dir": config.data_dir,
+            "val_fraction": config.val_fraction,
             "source_checkpoint": source,
+            "source_selection": checkpoint_selection(source) if source and os.path.exists(source) else None,
         }
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)

@@ -31,8 +31,8 @@ def _gib(n: int) -> str:
 def _count_images(config: TrainConfig) -> int:
     """Images the in-memory path would hold (train after --train-limit, plus test)."""
     if config.dataset.startswith("folder:"):
-        found = data_lib.scan_folder(config.dataset[len("folder:"):], config.train_limit)
-        return len(found.train_files) + len(found.test_files)
+        found = data_lib.scan_folder(config.dataset[len("folder:"):], config.train_limit, config.val_fraction)
+        return len(found.train_files) + len(found.val_files) + len(found.test_files)
     builder = data_lib.tfds_builder(config.dataset, config.data_dir)
     splits = builder.info.splits
     if "train" not in splits:  # no split metadata (tfds.testing.mock_data): count unknown
@@ -82,15 +82,23 @@ def resolve_input(config: TrainConfig) -> tuple[str, str]:
 def open_input(config: TrainConfig, kind: str):
     """The training input of `kind` (from `resolve_input`) for `config`'s dataset."""
     if kind == "memory":
-        data = data_lib.load(config.dataset, config.image_size, config.data_dir, config.train_limit)
+        data = data_lib.load(
+            config.dataset, config.image_size, config.data_dir, config.train_limit, val_fraction=config.val_fraction
+        )
         return data_lib.MemoryInput(data, config.image_size)
     from simsiam_tf import stream
 
-    return stream.StreamInput(stream.open_source(config.dataset, config.data_dir, config.train_limit), config.image_size)
+    source = stream.open_source(config.dataset, config.data_dir, config.train_limit, config.val_fraction)
+    return stream.StreamInput(source, config.image_size)
 
 
-def open_eval_input(dataset: str, image_size: int, data_dir: str | None = None, train_limit: int = 0):
-    """The input `evaluate.py` reads `dataset` through, chosen as `--input auto` would."""
-    config = TrainConfig(dataset=dataset, image_size=image_size, data_dir=data_dir, train_limit=train_limit)
+def open_eval_input(
+    dataset: str, image_size: int, data_dir: str | None = None, train_limit: int = 0, val_fraction: float = 0.0
+):
+    """The input `evaluate.py` reads `dataset` through, chosen as `--input auto` would;
+    with a run's `val_fraction`, its train split is the one that run trained on."""
+    config = TrainConfig(
+        dataset=dataset, image_size=image_size, data_dir=data_dir, train_limit=train_limit, val_fraction=val_fraction
+    )
     kind, _ = resolve_input(config)
     return open_input(config, kind)

@@ -96,20 +96,19 @@ class FolderSource:
     `eval_records(split, limit)` ((encoded image, label) in a fixed order).
     """
 
-    def __init__(self, path: str, train_limit: int = 0):
-        found = data_lib.scan_folder(path, train_limit)
+    def __init__(self, path: str, train_limit: int = 0, val_fraction: float = 0.0):
+        found = data_lib.scan_folder(path, train_limit, val_fraction)
         self.name = f"folder:{path}"
         self.class_names = found.class_names
-        self._files = {"train": found.train_files, "test": found.test_files}
-        self._labels = {
-            "train": found.train_labels if found.train_labels is not None else [-1] * len(found.train_files),
-            "test": found.test_labels if found.test_labels is not None else [-1] * len(found.test_files),
-        }
+        self._files = {"train": found.train_files, "val": found.val_files, "test": found.test_files}
+        given = {"train": found.train_labels, "val": found.val_labels, "test": found.test_labels}
+        self._labels = {s: given[s] if given[s] is not None else [-1] * len(f) for s, f in self._files.items()}
         # Encoded once here: the per-epoch functions below are traced by tf.data.
         self._paths = {s: np.array([os.fsencode(f) for f in files], dtype=object) for s, files in self._files.items()}
         self.splits = {"train": Split(len(found.train_files), found.train_labels is not None)}
-        if found.test_files:
-            self.splits["test"] = Split(len(found.test_files), found.test_labels is not None)
+        for split in ("val", "test"):
+            if self._files[split]:
+                self.splits[split] = Split(len(self._files[split]), given[split] is not None)
 
     def worker_counts(self, workers: int) -> list[int]:
         return [self.splits["train"].count // workers] * workers
@@ -163,7 +162,9 @@ class FolderSource:
 class TFRecordSource:
     """TFRecord shards of tf.train.Examples with `image/encoded` and `image/class/label`."""
 
-    def __init__(self, spec: str, train_limit: int = 0):
+    def __init__(self, spec: str, train_limit: int = 0, val_fraction: float = 0.0):
+        # A validation split is read from prepare.py's index when it holds one ("val");
+        # shards are not split by label here, so `val_fraction` alone adds none.
         if not spec:
             raise UsageError("--dataset tfrecord: needs a glob or a directory, e.g. tfrecord:data/train-*.tfrecord")
         self.name = f"tfrecord:{spec}"
@@ -187,10 +188,11 @@ class TFRecordSource:
         self.class_names = list((self.index or {}).get("class_names", []))
         self._shards = {"train": train}
         self._counts = {"train": self._shard_counts(train, "train")}
-        test = self._index_split_files(index_dir, "test")
-        if test:
-            self._shards["test"] = test
-            self._counts["test"] = self._shard_counts(test, "test")
+        for split in ("val", "test") if val_fraction else ("test",):
+            files = self._index_split_files(index_dir, split)
+            if files:
+                self._shards[split] = files
+                self._counts[split] = self._shard_counts(files, split)
         if train_limit:
             raise UsageError(
                 "--train-limit is not available for tfrecord: datasets (their shards are read whole); "
@@ -291,7 +293,7 @@ class TFRecordSource:
 class TFDSSource:
     """A prepared tensorflow-datasets image dataset, read without decoding its images."""
 
-    def __init__(self, name: str, data_dir: str | None, train_limit: int = 0):
+    def __init__(self, name: str, data_dir: str | None, train_limit: int = 0, val_fraction: float = 0.0):
         self.builder = data_lib.tfds_builder(name, data_dir)
         features = self.builder.info.features
         if "image" not in features:
@@ -300,6 +302,17 @@ class TFDSSource:
         self._has_label = "label" in features
         self.class_names = list(features["label"].names) if self._has_label and hasattr(features["label"], "names") else []
         self._split_names = {"train": f"train[:{train_limit}]" if train_limit else "train"}
+        own_val = data_lib.tfds_val_split(self.builder) if val_fraction and self._has_label else None
+        if own_val:
+            self._split_names["val"] = own_val
+        elif val_fraction and self._has_label:
+            # Streamed, the labels are not known up front: the validation split is the
+            # last `val_fraction` of the (limited) training split, a random but not a
+            # stratified sample (TFDS shuffles examples when it writes them).
+            total = self.builder.info.splits[self._split_names["train"]].num_examples
+            cut = total - min(int(round(val_fraction * total)), total - 1)
+            self._split_names["train"] = f"train[:{cut}]"
+            self._split_names["val"] = f"train[{cut}:{train_limit or total}]"
         test = data_lib.tfds_test_split(self.builder)
         if test:
             self._split_names["test"] = test
@@ -355,15 +368,15 @@ class TFDSSource:
         return min(count, limit) if limit else count
 
 
-def open_source(dataset: str, data_dir: str | None = None, train_limit: int = 0):
+def open_source(dataset: str, data_dir: str | None = None, train_limit: int = 0, val_fraction: float = 0.0):
     """The streaming source of `--dataset` (folder:PATH, tfrecord:GLOB or a TFDS name)."""
     if dataset.startswith("folder:"):
-        return FolderSource(dataset[len("folder:"):], train_limit)
+        return FolderSource(dataset[len("folder:"):], train_limit, val_fraction)
     if dataset.startswith("tfrecord:"):
-        return TFRecordSource(dataset[len("tfrecord:"):], train_limit)
+        return TFRecordSource(dataset[len("tfrecord:"):], train_limit, val_fraction)
     if dataset == "digits":
         raise UsageError("--dataset digits is bundled in memory and cannot stream; use --input memory (the default)")
-    return TFDSSource(dataset, data_dir, train_limit)
+    return TFDSSource(dataset, data_dir, train_limit, val_fraction)
 
 
 # ---------------------------------------------------------------------------
@@ -456,6 +469,7 @@ class StreamInput:
         self.has_knn_splits = (
             source.splits["train"].labelled and "test" in source.splits and source.splits["test"].count > 0
         )
+        self.has_val = "val" in source.splits and source.splits["val"].labelled and source.splits["val"].count > 0
         # Files that fail to decode while training: counted by the pipeline itself.
         self._skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_images")
 

@@ -84,12 +84,19 @@ def reporting_callbacks(
     if config.knn_every and training_input.has_knn_splits:
         bank = training_input.eval_images("train", config.knn_train_limit)
         test = training_input.eval_images("test")
+        val = training_input.eval_images("val") if training_input.has_val else None
         num_classes = len(training_input.class_names) or None
         knn = cb.KnnMonitor(
-            cb.KnnProbe(bank, test, config.image_size, config.knn_k, config.knn_temperature, num_classes),
+            cb.KnnProbe(bank, test, config.image_size, config.knn_k, config.knn_temperature, num_classes, val),
             config.knn_every, config.epochs, initial_epoch, is_chief=chief,
             initial_top1=previous.get("knn_top1_init"),
         )
+        if val is None and chief:
+            print(
+                "note: no validation split (--val-fraction 0, or a tfrecord: dataset whose index has none), so no "
+                "best checkpoint is kept: the test split only measures, it never chooses; use checkpoints/last",
+                file=sys.stderr,
+            )
     elif config.knn_every:
         print(
             "note: kNN monitoring is skipped: it needs labelled train and test splits "
@@ -99,9 +106,8 @@ def reporting_callbacks(
     callbacks = [cb.EpochTimer()]
     if knn is not None:
         callbacks.append(knn)
-    callbacks.append(
-        cb.BestCheckpoint(logdir, chief, previous.get("knn_top1_best"), previous.get("knn_best_epoch"))
-    )
+    if knn is not None and training_input.has_val:
+        callbacks.append(cb.BestCheckpoint(logdir, chief, previous))
     callbacks.append(cb.SkippedImages(training_input, previous.get("skipped_images", 0)))
     if config.diag_every:
         probe_images, _ = training_input.eval_images("train", config.diag_images).materialize()
@@ -276,10 +282,16 @@ def run(
         )
     summary = monitor.summary
     if summary.get("knn_top1") is not None:
+        selected = ""
+        if summary.get("knn_top1_val_selected") is not None:
+            selected = (
+                f"; {summary['knn_top1_val_selected']:.4f} for the checkpoint chosen on the validation split "
+                f"(epoch {summary['knn_best_epoch']}, checkpoints/best)"
+            )
         print(
-            f"kNN top-1: {summary['knn_top1_init']:.4f} before training, {summary['knn_top1']:.4f} after "
-            f"{summary['epochs_completed']} epochs (best {summary['knn_top1_best']:.4f} at epoch "
-            f"{summary['knn_best_epoch']}); {(time.time() - started) / 60:.1f} min",
+            f"kNN top-1 on the test split: {summary['knn_top1_init']:.4f} before training, {summary['knn_top1']:.4f} "
+            f"for the last model (epoch {summary['epochs_completed']}){selected}; "
+            f"{(time.time() - started) / 60:.1f} min",
             flush=True,
         )
     return summary

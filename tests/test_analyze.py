@@ -30,7 +30,7 @@ def _fake_run(root, name, stop_gradient, proj_dim=512, views=8, epochs=4, scale=
         for e in range(1, epochs + 1)
     ]
     summary = {"epochs_completed": epochs, "loss": history[-1]["loss"], "z_std": history[-1]["z_std"],
-               "knn_top1_init": 0.55, "knn_top1": 0.7, "knn_top1_best": 0.7, "history": history}
+               "knn_top1_init": 0.55, "knn_top1": 0.7, "knn_top1_val_selected": 0.7, "history": history}
     (path / "summary.json").write_text(json.dumps(summary))
     records = [
         {"epoch": e, "step": 10 * e, "z_std": 0.03 * scale, "z_std_reference": 1 / np.sqrt(proj_dim),

@@ -41,10 +41,13 @@ def test_run_and_its_saved_model_score_the_same_on_digits(exported, tmp_path, ca
     code, out, _ = _main(["--run", run_dir], capsys)
     assert code == 0
     from_run = json.loads(open(os.path.join(run_dir, "evaluation.json")).read())
-    assert f"kNN top-1 (k=200, T=0.1): {from_run['knn']['top1']:.4f}" in out
+    assert f"kNN top-1 (k=200, T=0.1) on the test split: {from_run['knn']['top1']:.4f}" in out
     assert from_run["source"]["kind"] == "run" and from_run["source"]["checkpoint"].endswith("model.weights.h5")
-    # The whole digits split, not the run's 64-image training subset.
-    assert from_run["train_images"] == 1347 and from_run["test_images"] == 450
+    # The checkpoint chosen on the validation split, labelled as such.
+    assert from_run["source"]["selection"] == "val-selected (epoch 1)" and "val-selected (epoch 1)" in out
+    # The whole digits split, not the run's 64-image training subset, less the
+    # validation split the run held out (136 of 1,347 at --val-fraction 0.1).
+    assert from_run["train_images"] == 1347 - 136 and from_run["test_images"] == 450
     assert from_run["embedding_dim"] == 64
 
     # Given the base export directory, the latest version is evaluated.
@@ -52,6 +55,9 @@ def test_run_and_its_saved_model_score_the_same_on_digits(exported, tmp_path, ca
     assert code == 0
     served = json.loads((tmp_path / "served.json").read_text())
     assert served["source"]["path"] == saved and served["source"]["output"] == "features"
+    # Scored on the dataset its run trained on, with the same split, from the export's metadata.
+    assert served["dataset"] == "digits" and served["train_images"] == from_run["train_images"]
+    assert served["source"]["source_selection"] == "val-selected (epoch 1)"
     assert served["knn"]["top1"] == pytest.approx(from_run["knn"]["top1"], abs=1 / 450)
     assert served["linear_probe"]["top1"] == pytest.approx(from_run["linear_probe"]["top1"], abs=2 / 450)
     assert served["linear_probe"]["C"] == from_run["linear_probe"]["C"]
@@ -65,7 +71,8 @@ def test_knn_and_linear_probe_match_a_direct_computation(exported, tmp_path, cap
     assert _main(["--run", run_dir, "--train-limit", "300", "--json", str(out)], capsys)[0] == 0
     result = json.loads(out.read_text())
     config, model, _ = export.load_run(run_dir)
-    data = data_lib.load("digits", 32, train_limit=300)
+    data = data_lib.load("digits", 32, train_limit=300, val_fraction=config.val_fraction)
+    assert len(data.train_images) == result["train_images"] == 270  # 30 held out for validation
 
     # Features recomputed without FeatureExtractor: at 32 px the evaluation
     # preprocessing is x / 255 normalised with the ImageNet statistics, nothing else.

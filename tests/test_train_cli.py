@@ -37,7 +37,7 @@ def _error_lines(stderr):
         (["--dataset", "no_such_dataset_xyz"], "unknown dataset 'no_such_dataset_xyz'"),
         (["--dataset", "folder:/nonexistent/images"], "does not exist"),
         (["--dataset", "folder:EMPTY"], "holds no .jpg"),
-        (["--batch-size", "5000"], "larger than the dataset's 1347 training images"),
+        (["--batch-size", "5000"], "larger than the dataset's 1211 training images"),
         (["--strategy", "mirrored", "--cpu-replicas", "2", "--batch-size", "127"], "not divisible by the 2 replicas"),
         (["--epochs", "abc"], "expected a whole number, got 'abc'"),
         (["--epochs", "0"], "--epochs must be at least 1"),
@@ -146,7 +146,7 @@ def test_tensorboard_events_hold_the_promised_tags(tmp_path):
     acc = EventAccumulator(os.path.join(logdir, "tb"), size_guidance={"tensors": 0})
     acc.Reload()
     tags = set(acc.Tags()["tensors"])
-    assert {"train/loss", "train/z_std", "train/lr", "epoch/loss", "knn/top1", "views/pairs"} <= tags
+    assert {"train/loss", "train/z_std", "train/lr", "epoch/loss", "knn/test_top1", "knn/val_top1", "knn/test_top1_val_selected", "views/pairs"} <= tags
     import tensorflow as tf
 
     lr = [float(tf.make_ndarray(event.tensor_proto)) for event in acc.Tensors("train/lr")]

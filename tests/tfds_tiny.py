@@ -29,6 +29,7 @@ class TinyImages(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     num_train = 64
     num_test = 16
+    num_val = 0  # a "validation" split beside "test" when > 0
 
     def _info(self):
         # DatasetInfo directly: dataset_info_from_configs looks for metadata files in the
@@ -45,7 +46,10 @@ class TinyImages(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(0, self.num_train), "test": self._generate_examples(1, self.num_test)}
+        splits = {"train": self._generate_examples(0, self.num_train), "test": self._generate_examples(1, self.num_test)}
+        if self.num_val:
+            splits["validation"] = self._generate_examples(2, self.num_val)
+        return splits
 
     def _generate_examples(self, split, count):
         for i in range(count):
@@ -53,9 +57,9 @@ class TinyImages(tfds.core.GeneratorBasedBuilder):
             yield f"{split}-{i}", {"image": image(label, i), "label": label}
 
 
-def prepare(data_dir, num_train: int = 64, num_test: int = 16, shards: int = 4):
+def prepare(data_dir, num_train: int = 64, num_test: int = 16, shards: int = 4, num_val: int = 0):
     """Write tiny_images into `data_dir` with `shards` shards per split; the builder."""
-    TinyImages.num_train, TinyImages.num_test = num_train, num_test
+    TinyImages.num_train, TinyImages.num_test, TinyImages.num_val = num_train, num_test, num_val
     builder = TinyImages(data_dir=str(data_dir))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=shards))
     return builder

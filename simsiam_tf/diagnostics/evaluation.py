@@ -2,8 +2,8 @@
 
 Two sources of the encoder, so that users can evaluate exactly what they serve:
 
-- a run directory: the model rebuilt from config.json and its checkpoint (best by kNN,
-  or the last), features = backbone(eval_preprocess(images));
+- a run directory: the model rebuilt from config.json and its checkpoint (chosen by kNN
+  on the validation split, or the last), features = backbone(eval_preprocess(images));
 - an exported SavedModel version: its `serving_pixels` signature, which does its own
   preprocessing in the graph (the function TF Serving runs).
 
@@ -30,7 +30,7 @@ Embed = Callable[[np.ndarray], np.ndarray]
 def run_encoder(run_dir: str, which: str = "best") -> tuple[Embed, dict]:
     """The backbone of a run as an embedding function, and a description of it."""
     from simsiam_tf.callbacks import FeatureExtractor
-    from simsiam_tf.export import load_run
+    from simsiam_tf.export import checkpoint_selection, load_run
 
     config, model, path = load_run(run_dir, which)
     extract = FeatureExtractor(model.backbone, config.image_size)
@@ -38,6 +38,8 @@ def run_encoder(run_dir: str, which: str = "best") -> tuple[Embed, dict]:
         "kind": "run",
         "path": run_dir,
         "checkpoint": path,
+        "selection": checkpoint_selection(path),
+        "val_fraction": config.val_fraction,
         "image_size": config.image_size,
         "dataset": config.dataset,
         "data_dir": config.data_dir,
@@ -92,6 +94,10 @@ def saved_model_encoder(path: str, batch_size: int = 256) -> tuple[Embed, dict]:
         "path": path,
         "output": metadata.get("output"),
         "source_checkpoint": metadata.get("source_checkpoint"),
+        "source_selection": metadata.get("source_selection"),
+        "dataset": metadata.get("dataset"),
+        "data_dir": metadata.get("data_dir"),
+        "val_fraction": metadata.get("val_fraction", 0.0),
         # Images are loaded at the training size; the signature resizes any other size.
         "image_size": metadata.get("image_size", 32),
     }

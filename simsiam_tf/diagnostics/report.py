@@ -215,7 +215,7 @@ def _fmt(value, spec=".4f"):
 
 def _overview(runs: list[Run]) -> list[str]:
     lines = [
-        "| run | dataset | stop-grad | epochs | loss | z_std train / probe (1/√d) | kNN init → last (best) "
+        "| run | dataset | stop-grad | epochs | loss | z_std train / probe (1/√d) | test kNN init → last (val-selected) "
         "| eff. rank | shard ratio | pred. cos (identity) | diag. time | evaluate.py kNN / linear |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -233,7 +233,7 @@ def _overview(runs: list[Run]) -> list[str]:
         lines.append(
             f"| {run.label} | {c.get('dataset')} | {c.get('stop_gradient')} | {s.get('epochs_completed')} "
             f"| {_fmt(s.get('loss'))} | {_fmt(s.get('z_std'))} / {_fmt(last.get('z_std'))} ({_fmt(ref)}) "
-            f"| {_fmt(s.get('knn_top1_init'))} → {_fmt(s.get('knn_top1'))} ({_fmt(s.get('knn_top1_best'))}) "
+            f"| {_fmt(s.get('knn_top1_init'))} → {_fmt(s.get('knn_top1'))} ({_fmt(s.get('knn_top1_val_selected'))}) "
             f"| {_fmt(last.get('effective_rank'), '.1f')} | {_fmt(last.get('shard_ratio'), '.3f')} "
             f"| {_fmt(last.get('predictor_cosine'), '.3f')} ({_fmt(last.get('predictor_identity_cosine'), '.3f')}) "
             f"| {_fmt(share, '.1%')} | {evaluated} |"
