@@ -145,6 +145,62 @@ def test_sync_bn_flag(sync):
     # Every BatchNorm of all three networks follows the flag (the predictor's hidden BN
     # too: under MirroredStrategy its statistics must span the global batch as well).
     m = model_lib.build_simsiam(make_config("digits", width=8), sync_bn=sync)
+    # ResNet-18: the stem, two per basic block (8 blocks), three downsampling shortcuts;
+    # a 2-layer projector: two; the predictor: its hidden BN.
+    expected = {"backbone": 1 + 2 * 8 + 3, "projector": 2, "predictor": 1}
     for net in (m.backbone, m.projector, m.predictor):
         bns = _layers(net, keras.layers.BatchNormalization)
-        assert bns and all(b.synchronized == sync for b in bns), net.name
+        assert len(bns) == expected[net.name], net.name
+        assert all(b.synchronized == sync for b in bns), net.name
+    every_bn = [l for l in m._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(every_bn) == sum(expected.values())  # no BatchNorm outside the three networks
+
+
+def _fc(fan_in, units, bias):
+    """Parameters of a fully-connected layer."""
+    return fan_in * units + (units if bias else 0)
+
+
+def _count(variables):
+    return sum(int(np.prod(v.shape)) for v in variables)
+
+
+# Expected parameter counts, computed independently of our code:
+# - backbones: torchvision's, printed by `/work/torchvenv/bin/python` (torch 2.14.1,
+#   torchvision 0.29.1) with, for ResNet-18's CIFAR variant,
+#       m = torchvision.models.resnet18(); m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+#       m.maxpool = nn.Identity(); m.fc = nn.Identity()
+#   and for ResNet-50 `m = torchvision.models.resnet50(); m.fc = nn.Identity()`; then
+#   sum(p.numel() for p in m.parameters()) -> 11,168,832 and 23,508,032 (trainable), and
+#   the BatchNorm running_mean / running_var buffers (num_batches_tracked excluded; Keras
+#   has no counterpart) -> 9,600 and 53,120 (Keras: moving_mean / moving_variance).
+# - heads, from their definitions (paper Sec. 3 and App. D; facebookresearch/simsiam
+#   builder.py): projection MLP fc-BN-ReLU x (L - 1), then fc-BN without affine
+#   parameters, hidden and output 2048-d, L = 2 on CIFAR ("a 2-layer projection MLP"),
+#   3 on ImageNet; its fcs have no bias (the official code leaves the last one's bias
+#   frozen, requires_grad=False, so it is not trained). Prediction MLP 2048 -> 512 -> 2048:
+#   fc (no bias: BN follows) - BN - ReLU - fc with bias, no BN.
+_TORCHVISION = {"resnet18": (11_168_832, 9_600), "resnet50": (23_508_032, 53_120)}
+
+
+@pytest.mark.parametrize("preset, backbone, feat, proj_layers", [("cifar", "resnet18", 512, 2), ("imagenet", "resnet50", 2048, 3)])
+def test_build_simsiam_presets_have_the_papers_parameter_counts(preset, backbone, feat, proj_layers):
+    # Built small (image size 64 for ImageNet): the number of parameters does not depend on it.
+    config = make_config(preset, image_size=32 if preset == "cifar" else 64)
+    assert (config.backbone, config.proj_layers, config.proj_dim, config.pred_dim) == (backbone, proj_layers, 2048, 512)
+    m = model_lib.build_simsiam(config)
+    d, h = 2048, 512
+    proj_trainable = _fc(feat, d, False) + (proj_layers - 2) * _fc(d, d, False) + _fc(d, d, False)
+    proj_trainable += (proj_layers - 1) * 2 * d  # gamma and beta of the hidden BNs; the output BN has none
+    pred_trainable = _fc(d, h, False) + 2 * h + _fc(h, d, True)
+    expected = {
+        "backbone": _TORCHVISION[backbone],
+        "projector": (proj_trainable, proj_layers * 2 * d),  # every BN keeps a mean and a variance
+        "predictor": (pred_trainable, 2 * h),
+    }
+    for net in (m.backbone, m.projector, m.predictor):
+        assert (_count(net.trainable_weights), _count(net.non_trainable_weights)) == expected[net.name], net.name
+    assert _count(m.trainable_weights) == sum(t for t, _ in expected.values())
+    # For the record, the totals these give (ResNet-50 + heads: 38,199,360 trainable).
+    totals = {"cifar": 11_168_832 + 5_246_976 + 2_100_224, "imagenet": 23_508_032 + 12_591_104 + 2_100_224}
+    assert _count(m.trainable_weights) == totals[preset]

@@ -84,8 +84,91 @@ def test_every_step_of_a_run_uses_its_epochs_cosine_rate(tmp_path):
             self._epoch = epoch
 
     training.run(config, str(tmp_path / "run"), verbose=0, extra_callbacks=[Record()])
-    steps = 96 // 32
+    from simsiam_tf.data import load
+
+    # Full batches of the images it trains on: the 96, less the validation split held out.
+    trained_on = len(load("digits", 32, train_limit=96, val_fraction=config.val_fraction).train_images)
+    steps = trained_on // 32
+    assert steps >= 2
     assert [(e, b) for e, b, _ in seen] == [(e, b) for e in range(3) for b in range(steps)]
     for epoch, _, lr in seen:
         assert lr == pytest.approx(config.lr * 0.5 * (1 + math.cos(math.pi * epoch / 3)), rel=1e-6)
     assert len({lr for _, _, lr in seen}) == 3  # one rate per epoch, three different ones
+
+
+# -- fix_pred_lr (the ImageNet preset) on real weight updates -----------------------------
+
+
+def _fix_pred_lr_config():
+    # The ImageNet preset (fix_pred_lr, momentum 0.9, weight decay 1e-4) on a tiny network.
+    # A large base lr makes the updates large against float32 round-off of the weights;
+    # batch 32 scales it to lr = base_lr / 8, so a fixed rate of base_lr would show.
+    config = make_config("imagenet", backbone="resnet18", width=4, image_size=16, proj_dim=32, pred_dim=8,
+                         batch_size=32, epochs=4, base_lr=4.0)
+    assert config.fix_pred_lr and config.momentum == 0.9 and config.weight_decay == 1e-4
+    return config
+
+
+def _check_fixed_predictor_lr(strategy):
+    """One training step at the start of epoch 2 of 4 (cosine factor 0.5): every
+    predictor variable moves at the fixed lr, every other one at half of it.
+
+    On the first step of a fresh TorchSGD the momentum buffer is d = g + wd * w itself,
+    so a variable moves by exactly -lr * d, with g the gradient of the SimSiam loss on
+    one device (taken here with a GradientTape on a copy of the initial model).
+    """
+    from simsiam_tf import losses
+    from simsiam_tf.model import build_simsiam
+
+    config = _fix_pred_lr_config()
+    steps_per_epoch, epoch = 3, 2
+    keras.utils.set_random_seed(0)
+    reference = build_simsiam(config)
+    init = reference.get_weights()
+    rng = np.random.default_rng(0)
+    batch = tuple(tf.constant(rng.normal(size=(32, 16, 16, 3)), tf.float32) for _ in range(2))
+    with tf.GradientTape() as tape:
+        p1, p2, z1, z2 = reference.forward_pair(*batch, training=True)
+        loss = losses.simsiam_loss(p1, p2, z1, z2)
+    grads = tape.gradient(loss, reference.trainable_variables)
+    d = [g.numpy() + config.weight_decay * w for g, w in zip(grads, (v.numpy() for v in reference.trainable_variables))]
+
+    with strategy.scope():
+        model = build_simsiam(config, sync_bn=strategy.num_replicas_in_sync > 1)
+        model.set_weights(init)
+        # Eagerly: the same train_step and optimiser fit() traces, without the tracing.
+        model.compile(optimizer=optim.make_optimizer(model, config, steps_per_epoch), run_eagerly=True)
+        model.optimizer.build(model.trainable_variables)
+        model.optimizer.iterations.assign(epoch * steps_per_epoch)  # the first step of epoch 2
+    before = [v.numpy() for v in model.trainable_variables]
+    model.fit(tf.data.Dataset.from_tensors(batch), epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
+    after = [v.numpy() for v in model.trainable_variables]
+
+    predictor = {id(v) for v in model.predictor.trainable_variables}
+    cosine_lr = config.lr * 0.5 * (1 + math.cos(math.pi * epoch / config.epochs))
+    assert cosine_lr == pytest.approx(0.5 * config.lr)
+    checked = {True: 0, False: 0}
+    for v, w0, w1, d_v in zip(model.trainable_variables, before, after, d):
+        step = w1 - w0
+        lr = config.lr if id(v) in predictor else cosine_lr
+        # Element by element: float32 rounding of the new weight (2 ulps) and of the
+        # gradient, computed twice (1e-3 of the largest move). Where the loss gives no
+        # gradient (a residual branch behind a zero-initialised gamma) d is the weight
+        # decay alone, 1e-4 * w: a move of hundreds of ulps, so its lr shows too.
+        tol = 2 * np.spacing(np.abs(w0)) + 1e-3 * np.abs(lr * d_v).max()
+        if not (np.abs(step + lr * d_v) <= tol).all():
+            used = -float(np.sum(step * d_v) / max(np.sum(d_v * d_v), 1e-30))
+            pytest.fail(f"{v.path}: moved at lr {used:.5g}, expected {lr:.5g} (fixed {config.lr}, cosine {cosine_lr})")
+        checked[id(v) in predictor] += bool(np.any(d_v))
+    # Predictor: fc1 kernel, bn1 gamma and beta, fc2 kernel and bias; and the rest.
+    assert checked[True] == 5 and checked[False] > 40
+
+
+def test_fix_pred_lr_keeps_the_predictor_at_the_base_lr():
+    _check_fixed_predictor_lr(tf.distribute.get_strategy())
+
+
+def test_fix_pred_lr_under_mirrored_strategy(mirrored):
+    # Two replicas of 16 images: synchronised BatchNorm and summed gradients make the
+    # step the single-device step on 32, so the same moves are expected.
+    _check_fixed_predictor_lr(mirrored)

@@ -107,10 +107,10 @@ def main():
     torch.manual_seed(20261202)
     images = make_images(rng)
     factors = make_factors(rng)
-    # The factors as Python floats: torchvision's functional ops take floats.
     out = {"images": images, "factors": factors}
     for path in ("uint8", "float", "pil"):
         for k, op in enumerate(OPS):
+            # float(): the float32 factor exactly, as a Python float (what F.adjust_* take).
             out[f"{path}_{op}"] = np.stack(
                 [apply(path, images[i], single_op(op, float(factors[i, k]))) for i in range(N)]
             )
