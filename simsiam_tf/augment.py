@@ -25,7 +25,12 @@ Differences from torchvision, all below what the training distribution can notic
 - crops are resampled bilinearly with corner-aligned sampling (`crop_and_resize`), not
   with half-pixel centres; crop boxes themselves are integer pixel boxes drawn exactly
   as torchvision draws them;
-- the blur kernel is truncated at 3 sigma of the largest sigma (PIL's is exact).
+- the blur kernel is a Gaussian truncated at 3 sigma of the largest sigma (PIL's
+  GaussianBlur approximates a Gaussian with box filters);
+- colour ops work in float and never round to 8 bits between them, where torchvision's
+  uint8 path truncates and PIL rounds after each op (PIL's hue also shifts by whole
+  1/256 turns): up to a few grey levels apart after the whole jitter
+  (tests/test_augment.py measures it against torchvision's own outputs).
 """
 
 from __future__ import annotations
