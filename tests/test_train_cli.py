@@ -51,6 +51,7 @@ def _error_lines(stderr):
         (["--resume", "NOT_A_RUN"], "has no config.json"),  # files, but not a run's
         (["--data-service", "grpc://127.0.0.1:9", "--input", "memory", "--dataset", "folder:EMPTY"], "drop --input memory"),
         (["--data-service", "no-port"], "expected grpc://HOST:PORT"),
+        (["--val-fraction", "0.7"], "--val-fraction must be in [0, 0.5]"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):

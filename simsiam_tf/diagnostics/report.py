@@ -138,12 +138,18 @@ def plot_z_std(runs: list[Run], out_dir: str) -> str:
 
 
 def plot_knn(runs: list[Run], out_dir: str) -> str:
-    fig, (ax,) = _figure("kNN top-1 (k = 200, T = 0.1) on backbone features", "top-1")
+    fig, (ax,) = _figure("kNN top-1 (k = 200, T = 0.1): test (solid), validation (dashed), ★ chosen", "top-1")
     for run, color in zip(runs, _colors(runs)):
         epochs, values = _series(run.history, "knn_top1")
         if run.summary.get("knn_top1_init") is not None:
             epochs, values = [0, *epochs], [run.summary["knn_top1_init"], *values]
         ax.plot(epochs, values, color=color, marker="o", ms=3, label=run.label)
+        val_epochs, val = _series(run.history, "knn_val_top1")
+        if val_epochs:
+            ax.plot(val_epochs, val, color=color, ls="--", lw=1)
+        best, chosen = run.summary.get("knn_best_epoch"), run.summary.get("knn_top1_val_selected")
+        if best is not None and chosen is not None:
+            ax.plot([best], [chosen], color=color, marker="*", ms=12, ls="none")
     _legend(ax, fontsize=8)
     return _save(fig, out_dir, "knn.png")
 
