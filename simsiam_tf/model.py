@@ -14,7 +14,8 @@ results were obtained with them and Keras's defaults differ:
 - conv: kaiming normal, fan_out, ReLU gain (torchvision ResNet);
 - fc: kaiming uniform with a = sqrt(5) (torch.nn.Linear), i.e. U(+-1/sqrt(fan_in)),
   and the same bound for biases;
-- BatchNorm: PyTorch momentum 0.1 and eps 1e-5, i.e. Keras momentum 0.9;
+- BatchNorm: PyTorch momentum 0.1 and eps 1e-5, i.e. Keras momentum 0.9, and PyTorch's
+  running variance, updated with the unbiased batch variance (`BatchNormalization`);
 - the last BN of each residual block starts at gamma = 0 (`zero_init_residual=True`, as
   the official builder asks of torchvision).
 
@@ -54,6 +55,45 @@ def dense_bias_init(fan_in: int) -> keras.initializers.Initializer:
     return keras.initializers.RandomUniform(-bound, bound)
 
 
+@keras.saving.register_keras_serializable(package="simsiam_tf")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization whose moving variance is updated as PyTorch's running_var.
+
+    It keeps Keras's class name on purpose: Keras files a layer's weights in a
+    checkpoint under its class name, so checkpoints written with keras.layers'
+    BatchNormalization (every run before this class) load unchanged.
+
+    In training mode both normalise with the batch's biased variance, but PyTorch
+    updates running_var with the unbiased one, n / (n - 1) times larger (n: values per
+    channel in the global batch), and Keras with the biased one: the heads' BN1d
+    statistics came out 1 / (n - 1) low in proportion (0.8% at batch 128), a backbone
+    BN's 1 / (B * H * W - 1). Found by benchmarks/torch_parity.py. Inference and every
+    gradient are unchanged.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or mask is not None or self.renorm:
+            return super().call(inputs, training=training, mask=mask)
+        # keras.layers.BatchNormalization.call's training branch, with the correction.
+        x = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        mean, variance = self._moments(x, None)
+        count = tf.cast(tf.size(x) // tf.shape(x)[self.axis], x.dtype)
+        replica = tf.distribute.get_replica_context()
+        if self.synchronized and replica is not None:
+            count *= replica.num_replicas_in_sync  # batches split evenly (drop_remainder)
+        unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+        m = self.momentum
+        self.moving_mean.assign(tf.cast(self.moving_mean, x.dtype) * m + mean * (1.0 - m))
+        self.moving_variance.assign(tf.cast(self.moving_variance, x.dtype) * m + unbiased * (1.0 - m))
+        outputs = keras.ops.batch_normalization(
+            x, mean, variance, axis=self.axis,
+            offset=tf.cast(self.beta, x.dtype) if self.center else None,
+            scale=tf.cast(self.gamma, x.dtype) if self.scale else None,
+            epsilon=self.epsilon,
+        )
+        return tf.cast(outputs, self.compute_dtype)
+
+
 class _Builder:
     """Layer factories sharing the dtype policy and the BatchNorm synchronisation."""
 
@@ -68,7 +108,7 @@ class _Builder:
         )
 
     def bn(self, gamma_zero=False, affine=True, name=None, dtype=None):
-        return keras.layers.BatchNormalization(
+        return BatchNormalization(
             momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=affine, scale=affine,
             gamma_initializer="zeros" if gamma_zero else "ones",
             synchronized=self.sync_bn, dtype=dtype or self.dtype, name=name,

@@ -204,3 +204,32 @@ def test_build_simsiam_presets_have_the_papers_parameter_counts(preset, backbone
     # For the record, the totals these give (ResNet-50 + heads: 38,199,360 trainable).
     totals = {"cifar": 11_168_832 + 5_246_976 + 2_100_224, "imagenet": 23_508_032 + 12_591_104 + 2_100_224}
     assert _count(m.trainable_weights) == totals[preset]
+
+
+def test_checkpoints_written_with_keras_batchnorm_still_load(tmp_path, monkeypatch):
+    # Runs trained before BatchNorm took PyTorch's running-variance update used Keras's
+    # own layer; their checkpoints must load into today's model, every weight and
+    # moving statistic in place (Keras names a layer's slot in the file after its class).
+    config = make_config("digits", width=8, proj_dim=64, pred_dim=16)
+
+    def keras_bn(self, gamma_zero=False, affine=True, name=None, dtype=None):
+        return keras.layers.BatchNormalization(
+            momentum=model_lib.BN_MOMENTUM, epsilon=model_lib.BN_EPSILON, center=affine, scale=affine,
+            gamma_initializer="zeros" if gamma_zero else "ones", synchronized=self.sync_bn,
+            dtype=dtype or self.dtype, name=name,
+        )
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model_lib._Builder, "bn", keras_bn)
+        keras.utils.set_random_seed(1)
+        old = model_lib.build_simsiam(config)
+    for v in old.weights:  # distinct values everywhere, moving statistics included
+        v.assign(np.random.default_rng(len(v.path)).normal(size=v.shape).astype(v.dtype))
+    path = str(tmp_path / "old.weights.h5")
+    old.save_weights(path)
+    keras.utils.set_random_seed(2)
+    new = model_lib.build_simsiam(config)
+    new.load_weights(path)
+    assert len(new.weights) == len(old.weights)
+    for a, b in zip(old.weights, new.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=b.path)
