@@ -4,7 +4,7 @@ Both precisions start from the same float32 weights and see the same augmented d
 batches. Under `mixed_bfloat16` the variables stay float32 and only the matmuls and
 convolutions run in bfloat16 (8 bits of mantissa), so the two differ by rounding, not
 by behaviour. A fresh network's loss is near 0, where any tolerance is loose, so the
-loss comparison starts from weights float32 training has already moved to a loss
+comparisons start from weights float32 training has already moved to a loss
 around -0.25.
 """
 
@@ -52,12 +52,25 @@ def setup():
     keras.mixed_precision.set_global_policy("float32")
 
 
-def test_first_step_gradients_point_the_same_way(setup):
+@pytest.fixture(scope="module")
+def warmed(setup):
+    """Weights after WARM_STEPS float32 steps (loss near -0.25), and their losses."""
     init, batches = setup
-    x1, x2 = batches[0]
+    warm_losses, model = _fit("float32", init, batches[:WARM_STEPS], steps_per_epoch=WARM_STEPS + COMPARE_STEPS)
+    return model.get_weights(), warm_losses
+
+
+def test_gradients_of_a_trained_network_point_the_same_way(setup, warmed):
+    # On the trained network, not the fresh one: at initialisation the loss is near 0
+    # and the early convolutions' gradients are so small that rounding the input
+    # images alone to bfloat16 turns them by 15 degrees (measured on an AVX2 CPU
+    # without native bfloat16, where one kernel's cosine fell to 0.73).
+    _, batches = setup
+    start, _ = warmed
+    x1, x2 = batches[WARM_STEPS]
     grads = {}
     for precision in ("float32", "bfloat16"):
-        model = _model(precision, init)
+        model = _model(precision, start)
         with tf.GradientTape() as tape:
             p1, p2, z1, z2 = model.forward_pair(x1, x2)
             loss = losses.simsiam_loss(p1, p2, z1, z2)
@@ -65,20 +78,21 @@ def test_first_step_gradients_point_the_same_way(setup):
     keras.mixed_precision.set_global_policy("float32")
     compared = 0
     for (path, g32), (_, g16) in zip(grads["float32"], grads["bfloat16"]):
-        if "kernel" not in path or not np.any(g32):
-            continue  # zero-init residual: a block's inner convolutions get no gradient at step 1
+        if "kernel" not in path:
+            continue
         cos = np.sum(g32 * g16) / (np.linalg.norm(g32) * np.linalg.norm(g16))
-        assert cos > 0.85, (path, cos)
+        # Measured: 0.939 at worst (a shortcut convolution) on an AVX2 CPU, 0.98 or
+        # more for most kernels; a gradient of the wrong layer or batch is near 0.
+        assert cos > 0.9, (path, cos)
         compared += 1
-    assert compared >= 8  # stem, 3 shortcut convolutions, 2 projector and 2 predictor layers
+    assert compared == 24  # 20 convolutions (stem, 16 in blocks, 3 shortcuts), 2 + 2 in the heads
 
 
-def test_losses_agree_on_the_first_steps_of_a_trained_network(setup):
-    init, batches = setup
-    warm, compare = batches[:WARM_STEPS], batches[WARM_STEPS:]
-    warm_losses, warmed = _fit("float32", init, warm, steps_per_epoch=WARM_STEPS + COMPARE_STEPS)
+def test_losses_agree_on_the_first_steps_of_a_trained_network(setup, warmed):
+    _, batches = setup
+    compare = batches[WARM_STEPS:]
+    start, warm_losses = warmed
     assert warm_losses[-5:].mean() < -0.15  # a network that has learned something
-    start = warmed.get_weights()
     loss_32, _ = _fit("float32", start, compare, steps_per_epoch=WARM_STEPS + COMPARE_STEPS)
     loss_16, model_16 = _fit("bfloat16", start, compare, steps_per_epoch=WARM_STEPS + COMPARE_STEPS)
     keras.mixed_precision.set_global_policy("float32")
