@@ -82,7 +82,7 @@ def test_gradients_of_a_trained_network_point_the_same_way(setup, warmed):
             continue
         cos = np.sum(g32 * g16) / (np.linalg.norm(g32) * np.linalg.norm(g16))
         # Measured: 0.939 at worst (a shortcut convolution) on an AVX2 CPU, 0.98 or
-        # more for most kernels; a gradient of the wrong layer or batch is near 0.
+        # more for most kernels; the gradient of another batch gives 0 or less (measured).
         assert cos > 0.9, (path, cos)
         compared += 1
     assert compared == 24  # 20 convolutions (stem, 16 in blocks, 3 shortcuts), 2 + 2 in the heads
