@@ -18,6 +18,7 @@ CIFAR = os.path.join(os.path.dirname(REPO), "shared", "datasets", "cifar10")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import simsiam_tf  # noqa: E402,F401  (before tensorflow: switches on oneDNN, see simsiam_tf/__init__.py)
 
 
 def machine() -> dict:

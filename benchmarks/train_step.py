@@ -14,16 +14,33 @@ For float32 and bfloat16, with XLA off and on, in one process:
   (gradient of the sum of its features), nothing else.
 The ratio step / backbone is the cost of SimSiam's heads, loss and update; the target
 is at most 1.15. Speeds are view pairs per second (one pair = two 32 px images).
+
+Against PyTorch, one command (docs/performance.md, "Against PyTorch"):
+
+    python benchmarks/train_step.py --batch 128 --xla off --torch --rounds 2
+
+--torch runs the PyTorch SimSiam our speed is compared with
+(../shared/peers/torch_simsiam.py --step-bench, channels_last, autocast for bfloat16)
+at the same batch, width and thread count, alternating with ours for --rounds rounds,
+and prints ours / PyTorch's per precision. It runs in its own process, with this
+Python if it can import torch, else with $SIMSIAM_TORCH_PYTHON (PyTorch is never
+installed into the project; the install command is in benchmarks/torch_parity.py):
+one process per framework keeps their thread pools apart. Without either, the
+PyTorch rows are skipped with a note. The PyTorch figure is the mean over its timed
+steps after 5 warm-up steps, ours the median: a step is seconds long here, so
+both are the steady step time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_seconds, report  # noqa: E402
+from common import CIFAR, REPO, median_seconds, report  # noqa: E402
 from step_clock import StepClock  # noqa: E402
 
 import keras  # noqa: E402
@@ -75,35 +92,98 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
     }
 
 
+PEER = os.path.join(os.path.dirname(REPO), "shared", "peers", "torch_simsiam.py")
+
+
+def torch_step(python: str, precision: str, batch: int, steps: int, width: int, threads: int) -> float:
+    """Pairs per second of the PyTorch reference's full training step, run by `python`."""
+    cmd = [python, PEER, "--data", CIFAR, "--step-bench", str(steps), "--batch-size", str(batch),
+           "--width", str(width), "--threads", str(threads)]
+    if precision == "bfloat16":
+        cmd.append("--bf16")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"error: the PyTorch reference failed ({last}): {' '.join(cmd)}")
+    return float(json.loads(lines[-1])["train_images_per_sec"])
+
+
+def torch_python() -> tuple[str | None, str]:
+    """The interpreter for --torch, or None and why the PyTorch rows are skipped."""
+    from torch_parity import Usage, resolve_torch_python
+
+    if not os.path.isfile(PEER):
+        return None, f"skipped PyTorch: no reference at {PEER}"
+    if not os.path.isdir(CIFAR):
+        return None, f"skipped PyTorch: its step benchmark reads the CIFAR-10 folder {CIFAR}, which is missing"
+    try:
+        return resolve_torch_python(None), ""
+    except Usage as e:
+        return None, f"skipped PyTorch: {e}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 64, 2 timed steps")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--width", type=int, default=64, help="backbone width (64 = ResNet-18)")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="both")
+    p.add_argument("--xla", choices=("off", "on", "both"), default="both")
+    p.add_argument("--torch", action="store_true", help="also time the PyTorch reference and print the ratio")
+    p.add_argument("--rounds", type=int, default=1, help="repeat everything, alternating frameworks")
     args = p.parse_args(argv)
+    if min(args.batch, args.steps, args.width, args.rounds) < 1:
+        p.error("--batch, --steps, --width and --rounds must be at least 1")
     batch, steps, warmup = (64, 2, 2) if args.quick else (args.batch, args.steps, 2)
+    precisions = ("float32", "bfloat16") if args.precision == "both" else (args.precision,)
+    xla = {"off": (False,), "on": (True,), "both": (False, True)}[args.xla]
+    python, note = torch_python() if args.torch else (None, "")
+    if note:
+        print(note, flush=True)
+    threads = int(tf.config.threading.get_intra_op_parallelism_threads()) or os.cpu_count()
     rows = []
-    for precision in ("float32", "bfloat16"):
-        for jit in (False, True):
-            row = measure(precision, jit, batch, steps, warmup, args.width)
-            rows.append(row)
-            print(
-                f"  {precision:<9} xla={str(jit):<5} fit step {row['step_pairs_per_s']:6.1f} pairs/s   "
-                f"direct step {row['direct_step_pairs_per_s']:6.1f}   backbone {row['backbone_pairs_per_s']:6.1f}   "
-                f"ratios {row['step_over_backbone']:.3f} / {row['direct_over_backbone']:.3f}",
-                flush=True,
-            )
-    by = {(r["precision"], r["xla"]): r for r in rows}
-    best32 = max(by[("float32", False)]["step_pairs_per_s"], by[("float32", True)]["step_pairs_per_s"])
-    best16 = max(by[("bfloat16", False)]["step_pairs_per_s"], by[("bfloat16", True)]["step_pairs_per_s"])
+    for rnd in range(1, args.rounds + 1):
+        for precision in precisions:
+            for jit in xla:
+                row = {"framework": "simsiam_tf", "round": rnd, **measure(precision, jit, batch, steps, warmup, args.width)}
+                rows.append(row)
+                print(
+                    f"  round {rnd} ours    {precision:<9} xla={str(jit):<5} fit step {row['step_pairs_per_s']:6.1f} pairs/s   "
+                    f"direct step {row['direct_step_pairs_per_s']:6.1f}   backbone {row['backbone_pairs_per_s']:6.1f}   "
+                    f"ratios {row['step_over_backbone']:.3f} / {row['direct_over_backbone']:.3f}",
+                    flush=True,
+                )
+            if python:
+                speed = torch_step(python, precision, batch, steps, args.width, threads)
+                rows.append({"framework": "pytorch", "round": rnd, "precision": precision, "step_pairs_per_s": speed})
+                print(f"  round {rnd} PyTorch {precision:<9} step {speed:6.1f} pairs/s", flush=True)
+    extra = {"batch": batch, "width": args.width, "threads": threads}
+
+    def best(precision, framework="simsiam_tf", jit=None):
+        speeds = [r["step_pairs_per_s"] for r in rows if r["framework"] == framework and r["precision"] == precision
+                  and (jit is None or r.get("xla") == jit)]
+        return max(speeds) if speeds else None
+
+    if len(precisions) == 2:
+        extra["bf16_over_fp32_best"] = round(best("bfloat16") / best("float32"), 3)
+        if False in xla:
+            extra["bf16_over_fp32_no_xla"] = round(best("bfloat16", jit=False) / best("float32", jit=False), 3)
+    if python:
+        # Best of the rounds for each framework: noise on a shared machine only slows.
+        extra["ours_over_pytorch"] = {q: round(best(q) / best(q, "pytorch"), 3) for q in precisions}
+        for q, ratio in extra["ours_over_pytorch"].items():
+            print(f"  {q}: ours {best(q):.1f} pairs/s, PyTorch {best(q, 'pytorch'):.1f}: {ratio:.2f}x", flush=True)
+    elif args.torch:
+        extra["pytorch_skipped"] = note
     report(
         "train_step", rows,
-        [("precision", "precision"), ("xla", "xla"), ("step_pairs_per_s", "fit() step pairs/s"),
+        [("framework", "framework"), ("round", "round"), ("precision", "precision"), ("xla", "xla"),
+         ("step_pairs_per_s", "fit() step pairs/s"),
          ("direct_step_pairs_per_s", "direct step pairs/s"), ("backbone_pairs_per_s", "backbone pairs/s"),
          ("step_over_backbone", "fit step/backbone"), ("direct_over_backbone", "direct step/backbone")],
-        {"batch": batch, "width": args.width, "bf16_over_fp32_best": round(best16 / best32, 3),
-         "bf16_over_fp32_no_xla": round(by[("bfloat16", False)]["step_pairs_per_s"] / by[("float32", False)]["step_pairs_per_s"], 3)},
+        extra,
     )
     return 0
 

@@ -48,6 +48,29 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def onednn_state() -> tuple[bool | None, str]:
+    """Whether TensorFlow runs its oneDNN kernels in this process, and a line saying so.
+
+    simsiam_tf switches them on before TensorFlow is imported (simsiam_tf/__init__.py);
+    they stay off if TensorFlow was imported first or TF_ENABLE_ONEDNN_OPTS=0 is set.
+    None where TensorFlow cannot say (the query is not public API).
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        enabled = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None, "kernels: unknown (this TensorFlow does not report whether oneDNN is on)"
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if enabled:
+        return True, f"kernels: oneDNN (TF_ENABLE_ONEDNN_OPTS={setting})"
+    why = "TF_ENABLE_ONEDNN_OPTS=0" if setting == "0" else "tensorflow was imported before simsiam_tf"
+    return False, (
+        f"kernels: TensorFlow's own, oneDNN off ({why}); on x86 CPUs without AVX512_VNNI the "
+        "training step runs about 1.5x slower (docs/performance.md)"
+    )
+
+
 def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> tuple[str, str]:
     """`--precision auto` made concrete: (float32 or bfloat16, the reason).
 

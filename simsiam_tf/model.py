@@ -74,6 +74,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable) or mask is not None or self.renorm:
             return super().call(inputs, training=training, mask=mask)
+        if not self.synchronized and inputs.shape.rank in (2, 4) and self.axis in (-1, inputs.shape.rank - 1):
+            return self._fused_training_call(inputs)
         # keras.layers.BatchNormalization.call's training branch, with the correction.
         x = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         mean, variance = self._moments(x, None)
@@ -93,6 +95,86 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
         return tf.cast(outputs, self.compute_dtype)
 
+    def _fused_training_call(self, inputs):
+        """The same training-mode BN in one fused op, which oneDNN runs as one primitive.
+
+        Keras composes BN from a dozen element-wise ops (moments, subtract, multiply,
+        ...), each a pass over the activations, forward and backward: 9% of the
+        step's op time on a 2-core AVX2 CPU (docs/performance.md). TensorFlow's fused
+        op returns the batch mean and the unbiased batch variance, exactly PyTorch's
+        running-stat update. BN1d inputs [B, C] run as [B, 1, 1, C]. Synchronised BN
+        keeps the composed path: its moments are all-reduced across replicas.
+        """
+        x = inputs if inputs.shape.rank == 4 else inputs[:, None, None, :]
+        channels = inputs.shape[-1]
+        scale = tf.cast(self.gamma, "float32") if self.scale else tf.ones([channels], "float32")
+        offset = tf.cast(self.beta, "float32") if self.center else tf.zeros([channels], "float32")
+        y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
+            x, scale, offset, epsilon=self.epsilon, data_format="NHWC", is_training=True
+        )
+        mean, unbiased = tf.stop_gradient(mean), tf.stop_gradient(unbiased)
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m + unbiased * (1.0 - m))
+        y = y if inputs.shape.rank == 4 else y[:, 0, 0, :]
+        return tf.cast(y, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="simsiam_tf")
+class Conv2D(keras.layers.Conv2D):
+    """Conv2D with PyTorch's padding, `pad` zeros on every side, in the form oneDNN runs fast.
+
+    Keras offers "valid" and "same", and "same" pads stride-2 convolutions on the far
+    side only, where PyTorch pads kernel // 2 on each side. How the padding is given
+    decides the speed with oneDNN (measured, docs/performance.md):
+    - a separate ZeroPadding2D layer (what this model did first) makes oneDNN convolve
+      over the zeros as data, forward and in both backward passes: the 4x4 stage-4
+      maps become 6x6, and each 3x3 convolution took 1.4-1.7x as long;
+    - TensorFlow's explicit per-side padding reaches oneDNN in the forward pass only:
+      both backward passes fall back to a generic kernel, and the step was 1.4x slower;
+    - "same" reaches oneDNN in all three passes.
+    So: symmetric padding at stride 1 is "same" (identical for odd kernels); otherwise
+    the input is padded by what PyTorch's convolution actually reads (for a 3x3,
+    stride-2 convolution of an even-sized map, one row and column before it: the row
+    PyTorch pads after it is never read), and convolved "valid".
+
+    It keeps Keras's class name for the same reason as `BatchNormalization`.
+    """
+
+    def __init__(self, *args, pad: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.padding != "valid" or self.data_format != "channels_last":
+            raise ValueError("Conv2D(pad=...) expects padding='valid' and channels_last")
+        self.pad = int(pad)
+
+    def _read_padding(self, size, axis):
+        """(before, after) zeros PyTorch's convolution reads along one spatial axis."""
+        k = (self.kernel_size[axis] - 1) * self.dilation_rate[axis] + 1
+        if size is None:
+            return self.pad, self.pad
+        out = (size + 2 * self.pad - k) // self.strides[axis] + 1
+        last = (out - 1) * self.strides[axis] + k  # padded rows read
+        return self.pad, max(0, last - size - self.pad)
+
+    def convolution_op(self, inputs, kernel):
+        if not self.pad:
+            return super().convolution_op(inputs, kernel)
+        (top, bottom), (left, right) = (self._read_padding(inputs.shape[1 + a], a) for a in (0, 1))
+        kernel = tf.cast(kernel, inputs.dtype)
+        if self.strides == (1, 1) and top == bottom == left == right and all(
+            (k - 1) * d == 2 * self.pad for k, d in zip(self.kernel_size, self.dilation_rate)
+        ):
+            return tf.nn.conv2d(inputs, kernel, 1, "SAME", dilations=self.dilation_rate)
+        x = tf.pad(inputs, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        return tf.nn.conv2d(x, kernel, self.strides, "VALID", dilations=self.dilation_rate)
+
+    def compute_output_shape(self, input_shape):
+        batch, h, w, channels = input_shape
+        grow = lambda n: None if n is None else n + 2 * self.pad  # noqa: E731
+        return super().compute_output_shape((batch, grow(h), grow(w), channels))
+
+    def get_config(self):
+        return {**super().get_config(), "pad": self.pad}
 
 class _Builder:
     """Layer factories sharing the dtype policy and the BatchNorm synchronisation."""
@@ -102,8 +184,9 @@ class _Builder:
         self.sync_bn = sync_bn
 
     def conv(self, filters, kernel, stride=1, name=None):
-        return keras.layers.Conv2D(
-            filters, kernel, strides=stride, padding="valid", use_bias=False,
+        # PyTorch pads kernel // 2 on each side (see Conv2D).
+        return Conv2D(
+            filters, kernel, strides=stride, padding="valid", pad=kernel // 2, use_bias=False,
             kernel_initializer=conv_init(), dtype=self.dtype, name=name,
         )
 
@@ -121,11 +204,6 @@ class _Builder:
         )
 
     def conv_bn(self, x, filters, kernel, stride, name, relu=True, gamma_zero=False):
-        # PyTorch pads symmetrically by kernel // 2; Keras "same" pads stride-2 convs
-        # asymmetrically, so pad explicitly.
-        pad = kernel // 2
-        if pad:
-            x = keras.layers.ZeroPadding2D(pad, dtype=self.dtype, name=f"{name}_pad")(x)
         x = self.conv(filters, kernel, stride, name=f"{name}_conv")(x)
         x = self.bn(gamma_zero=gamma_zero, name=f"{name}_bn")(x)
         if relu:

@@ -148,6 +148,8 @@ def run(
         config = config.replace(precision=precision)
         if verbose and chief:
             print(f"precision: {precision} ({reason})", flush=True)
+    if verbose and chief:
+        print(distribute.onednn_state()[1], flush=True)
     if chief:  # other workers find the chief's files there: that is expected
         check_logdir(logdir, resume)
     if data is None:

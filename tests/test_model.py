@@ -113,21 +113,58 @@ def test_resnet50_matches_torchvision_parameter_count():
     assert trainable == 23_508_032  # torchvision resnet50 without fc
 
 
-def test_stride_two_padding_matches_pytorch():
-    # PyTorch pads 1 on every side of a 3x3 stride-2 conv, so output i sees input rows
-    # 2i-1..2i+1 and input row 1 reaches outputs 0 and 1. Keras "same" would pad only
-    # after, so output i would see rows 2i..2i+2 and row 1 would reach output 0 only.
-    b = model_lib._Builder("float32", False)
-    inp = keras.Input((8, 8, 1))
-    m = keras.Model(inp, b.conv_bn(inp, 1, 3, 2, "t", relu=False))
-    conv = m.get_layer("t_conv")
-    conv.kernel.assign(np.ones((3, 3, 1, 1), np.float32))
-    x = np.zeros((1, 8, 8, 1), np.float32)
-    x[0, 1, 1, 0] = 1.0
-    y = conv(m.get_layer("t_pad")(x)).numpy()[0, :, :, 0]
-    assert y.shape == (4, 4)
-    np.testing.assert_array_equal(y[:2, :2], np.ones((2, 2)))
-    assert y.sum() == 4
+def _torch_conv(x, kernel, stride, pad):
+    """PyTorch's Conv2d from its definition: zero-pad `pad` on every side, then
+    correlate at `stride` (NumPy, float64, NHWC input, HWIO kernel)."""
+    x = np.pad(x.astype(np.float64), [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+    kh, kw = kernel.shape[:2]
+    oh, ow = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], oh, ow, kernel.shape[3]))
+    for i in range(oh):
+        for j in range(ow):
+            patch = x[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
+            out[:, i, j, :] = np.tensordot(patch, kernel, axes=([1, 2, 3], [0, 1, 2]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, size",
+    [(3, 1, 8), (3, 2, 8), (3, 2, 7), (1, 2, 8), (7, 2, 18), (7, 2, 17)],  # 7x7/2: ResNet-50's stem
+)
+def test_conv_padding_matches_pytorch(kernel, stride, size):
+    # PyTorch pads kernel // 2 on every side; Keras "same" pads a stride-2 conv after
+    # the map only, which shifts every output by one input row. Our Conv2D gives
+    # the padding to the kernel ("same" or a one-sided pad, see its docstring): the
+    # values and the gradients must be those of PyTorch's symmetric padding.
+    pad = kernel // 2
+    conv = model_lib.Conv2D(2, kernel, strides=stride, padding="valid", pad=pad, use_bias=False)
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + size)
+    x = tf.constant(rng.normal(size=(2, size, size, 3)).astype(np.float32))
+    conv.build(x.shape)
+    conv.kernel.assign(rng.normal(size=conv.kernel.shape).astype(np.float32))
+    expected = _torch_conv(x.numpy(), conv.kernel.numpy(), stride, pad)
+    cotangent = tf.constant(rng.normal(size=expected.shape).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y = conv(x)
+        ours = tf.reduce_sum(y * cotangent)
+        padded = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])  # PyTorch's definition
+        ref = tf.reduce_sum(tf.nn.conv2d(padded, conv.kernel, stride, "VALID") * cotangent)
+    assert tuple(y.shape) == expected.shape == conv.compute_output_shape(tuple(x.shape))
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-4)
+    for a, b in zip(tape.gradient(ours, [x, conv.kernel]), tape.gradient(ref, [x, conv.kernel])):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_has_no_padding_layers_and_resnet50_pool_pad_stays():
+    # The padding lives in the convolutions (a separate pad layer made oneDNN convolve
+    # over the zeros); only ResNet-50's max-pool keeps its own.
+    r18 = model_lib.build_backbone("resnet18", 32, width=8)
+    r50 = model_lib.build_backbone("resnet50", 64, width=8)
+    assert _layers(r18, keras.layers.ZeroPadding2D) == []
+    assert [l.name for l in _layers(r50, keras.layers.ZeroPadding2D)] == ["stem_pool_pad"]
+    assert {l.pad for l in _layers(r18, keras.layers.Conv2D)} == {0, 1}
+    assert r50.get_layer("stem_conv").pad == 3
 
 
 def test_simsiam_outputs_and_bfloat16_keeps_float32_outputs():
@@ -206,11 +243,26 @@ def test_build_simsiam_presets_have_the_papers_parameter_counts(preset, backbone
     assert _count(m.trainable_weights) == totals[preset]
 
 
-def test_checkpoints_written_with_keras_batchnorm_still_load(tmp_path, monkeypatch):
-    # Runs trained before BatchNorm took PyTorch's running-variance update used Keras's
-    # own layer; their checkpoints must load into today's model, every weight and
-    # moving statistic in place (Keras names a layer's slot in the file after its class).
+def test_checkpoints_written_with_keras_layers_still_load(tmp_path, monkeypatch):
+    # Runs trained before BatchNorm took PyTorch's running-variance update, and before
+    # the padding moved into the convolutions, used Keras's own BatchNormalization and
+    # Conv2D with ZeroPadding2D layers in front; their checkpoints must load into
+    # today's model, every weight and moving statistic in place (Keras names a layer's
+    # slot in the file after its class and name; the pad layers held no weights).
     config = make_config("digits", width=8, proj_dim=64, pred_dim=16)
+
+    def keras_conv(self, filters, kernel, stride=1, name=None):
+        return keras.layers.Conv2D(
+            filters, kernel, strides=stride, padding="valid", use_bias=False,
+            kernel_initializer=model_lib.conv_init(), dtype=self.dtype, name=name,
+        )
+
+    def padded_conv_bn(self, x, filters, kernel, stride, name, relu=True, gamma_zero=False):
+        if kernel // 2:
+            x = keras.layers.ZeroPadding2D(kernel // 2, dtype=self.dtype, name=f"{name}_pad")(x)
+        x = self.conv(filters, kernel, stride, name=f"{name}_conv")(x)
+        x = self.bn(gamma_zero=gamma_zero, name=f"{name}_bn")(x)
+        return keras.layers.ReLU(dtype=self.dtype, name=f"{name}_relu")(x) if relu else x
 
     def keras_bn(self, gamma_zero=False, affine=True, name=None, dtype=None):
         return keras.layers.BatchNormalization(
@@ -221,6 +273,8 @@ def test_checkpoints_written_with_keras_batchnorm_still_load(tmp_path, monkeypat
 
     with monkeypatch.context() as patch:
         patch.setattr(model_lib._Builder, "bn", keras_bn)
+        patch.setattr(model_lib._Builder, "conv", keras_conv)
+        patch.setattr(model_lib._Builder, "conv_bn", padded_conv_bn)
         keras.utils.set_random_seed(1)
         old = model_lib.build_simsiam(config)
     for v in old.weights:  # distinct values everywhere, moving statistics included
@@ -230,6 +284,53 @@ def test_checkpoints_written_with_keras_batchnorm_still_load(tmp_path, monkeypat
     keras.utils.set_random_seed(2)
     new = model_lib.build_simsiam(config)
     new.load_weights(path)
+    assert _layers(old.backbone, keras.layers.ZeroPadding2D) and not _layers(new.backbone, keras.layers.ZeroPadding2D)
     assert len(new.weights) == len(old.weights)
     for a, b in zip(old.weights, new.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=b.path)
+
+
+@pytest.mark.parametrize("shape, affine", [((16, 4, 4, 6), True), ((16, 6), True), ((16, 6), False)])
+def test_training_batchnorm_is_pytorchs(shape, affine):
+    # Training-mode BN runs as TensorFlow's fused op (one oneDNN primitive); the composed
+    # path stays for synchronised BN. Both must be PyTorch's BN: normalise with the
+    # biased batch variance, update running_var with the unbiased one, momentum 0.1,
+    # and have the same gradients.
+    rng = np.random.default_rng(len(shape))
+    x = tf.constant((rng.normal(size=shape) * 3 + 1).astype(np.float32))
+    cotangent = tf.constant(rng.normal(size=shape).astype(np.float32))
+    layers = {}
+    for synchronized in (False, True):
+        bn = model_lib.BatchNormalization(
+            momentum=model_lib.BN_MOMENTUM, epsilon=model_lib.BN_EPSILON, center=affine, scale=affine,
+            synchronized=synchronized,
+        )
+        bn.build(shape)
+        if affine:
+            bn.gamma.assign(rng.normal(size=shape[-1:]).astype(np.float32))
+            bn.beta.assign(rng.normal(size=shape[-1:]).astype(np.float32))
+        layers[synchronized] = bn
+    layers[True].set_weights(layers[False].get_weights())
+    results = {}
+    for synchronized, bn in layers.items():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = bn(x, training=True)
+            loss = tf.reduce_sum(y * cotangent)
+        results[synchronized] = (y, tape.gradient(loss, [x] + bn.trainable_weights), bn)
+    axes = tuple(range(len(shape) - 1))
+    xd = x.numpy().astype(np.float64)
+    mean, var = xd.mean(axes), xd.var(axes)
+    n = xd.size // shape[-1]
+    gamma, beta = (layers[False].gamma.numpy(), layers[False].beta.numpy()) if affine else (1.0, 0.0)
+    expected = (xd - mean) / np.sqrt(var + model_lib.BN_EPSILON) * gamma + beta
+    fused_y, fused_grads, fused = results[False]
+    np.testing.assert_allclose(fused_y.numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
+    composed_y, composed_grads, composed = results[True]
+    np.testing.assert_allclose(fused_y.numpy(), composed_y.numpy(), rtol=1e-4, atol=1e-4)
+    for a, b in zip(fused_grads, composed_grads):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    for a, b in zip(fused.non_trainable_weights, composed.non_trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
