@@ -46,3 +46,21 @@ def cifar_dir():
 @pytest.fixture
 def python():
     return sys.executable
+
+
+# The files that take longest, longest first (measured: `--durations` of the last full
+# run, docs in README "Tests"). pytest-xdist's --dist loadfile hands whole files to the
+# two workers in collection order; starting the long ones first lets both workers
+# finish together instead of one running the learning test alone at the end.
+LONGEST_FIRST = (
+    "test_learning.py", "test_collapse.py", "test_benchmarks.py", "test_stream_training.py",
+    "test_data_service.py", "test_reliability.py", "test_train_cli.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order

@@ -9,6 +9,7 @@ internally consistent (rates > 0, a wait fraction in [0, 1], one RSS row per epo
 import json
 import math
 import os
+import platform
 import subprocess
 
 from conftest import REPO
@@ -29,6 +30,22 @@ def _run(python, script, *args):
 
 def _positive(x):
     return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_profile_step_names_where_the_time_goes(python):
+    # The TensorFlow profiler's op types for one training step: the convolutions and the
+    # fused BatchNorm the model uses in training, shares summing to one.
+    tiny = ("--batch", "4", "--width", "4", "--steps", "1", "--warmup", "1")
+    out = _run(python, "profile_step.py", *tiny)
+    ops = {r["op"]: r for r in out["tensorflow_ops"]}
+    assert any("Conv2DBackpropFilter" in op for op in ops), sorted(ops)
+    assert any("FusedBatchNorm" in op for op in ops), sorted(ops)
+    assert math.isclose(sum(r["share"] for r in ops.values()), 1.0, rel_tol=1e-6)
+    if platform.machine().lower() in ("x86_64", "amd64"):  # oneDNN is on there (simsiam_tf/__init__.py)
+        out = _run(python, "profile_step.py", *tiny, "--onednn")
+        kinds = {r["primitive"].split()[0] for r in out["ours"]}
+        assert {"convolution", "batch_normalization"} <= kinds, kinds
+        assert all(_positive(r["ms_per_step"]) for r in out["ours"])
 
 
 def test_input_pipeline_reports_all_pipelines(python, cifar_dir):
