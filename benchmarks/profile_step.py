@@ -9,7 +9,8 @@ Without --onednn: `SimSiam.train_step` in a `tf.function` (warm-up steps first),
 TensorFlow op type (summed over threads, so the total exceeds the wall time when ops run
 side by side) and its share.
 
-With --onednn: the same steps in a child process with ONEDNN_VERBOSE=1, whose log names
+With --onednn: the same steps in a child process with ONEDNN_VERBOSE=1 (and one op at a
+time, --inter-op 1, so that each primitive's logged time is its own), whose log names
 every oneDNN primitive executed (kind, implementation, shapes, milliseconds); prints
 per-step totals by (kind, implementation, propagation), counting only the timed steps'
 share of the log. With --torch, the PyTorch reference (../shared/peers/torch_simsiam.py
@@ -33,6 +34,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CIFAR, machine  # noqa: E402
 from train_step import PEER, torch_python  # noqa: E402
+
+
+TIMED = "profile_step: timed steps begin"
 
 
 def _step_function(batch: int, precision: str, width: int):
@@ -87,25 +91,28 @@ def profile_ops(batch: int, precision: str, width: int, steps: int, warmup: int)
 
 
 def onednn_totals(log: str, steps_logged: int, steps_timed: int) -> list[dict]:
-    """Per-step totals by primitive over the last `steps_timed` of `steps_logged` steps
-    in an ONEDNN_VERBOSE log.
+    """Per-step totals by primitive over the timed steps of an ONEDNN_VERBOSE log.
 
-    Every step after the first runs the same primitives, so the timed steps are the
-    log's last steps_timed / steps_logged of executions; the warm-up steps before them
-    (tracing, primitive creation, JIT) are left out."""
-    version, executions = None, []
-    for line in log.splitlines():
-        if not line.startswith("onednn_verbose"):
-            continue
-        if ",info,oneDNN v" in line and version is None:
-            version = line.split(",info,", 1)[1]
-        if ",exec," in line:
+    Our child process marks where its timed steps begin (TIMED); for a log without
+    the mark (the PyTorch reference's), every step after the first runs the same
+    primitives, so the timed steps are the log's last steps_timed / steps_logged of
+    executions. Either way the warm-up steps (tracing, primitive creation, JIT) are
+    left out."""
+    lines = log.splitlines()
+    version = next((l.split(",info,", 1)[1] for l in lines if l.startswith("onednn_verbose") and ",info,oneDNN v" in l), None)
+    marked = TIMED in lines
+    if marked:
+        lines = lines[lines.index(TIMED):]
+    executions = []
+    for line in lines:
+        if line.startswith("onednn_verbose") and ",exec," in line:
             fields = line.strip().split(",")
             i = fields.index("exec")
             executions.append(((fields[i + 2], fields[i + 3], fields[i + 4]), float(fields[-1])))
-    timed = executions[len(executions) - len(executions) * steps_timed // steps_logged:]
+    if not marked:
+        executions = executions[len(executions) - len(executions) * steps_timed // steps_logged:]
     seconds, count = collections.Counter(), collections.Counter()
-    for key, ms in timed:  # key: kind, implementation, propagation
+    for key, ms in executions:  # key: kind, implementation, propagation
         seconds[key] += ms
         count[key] += 1
     total = sum(seconds.values())
@@ -118,8 +125,15 @@ def onednn_totals(log: str, steps_logged: int, steps_timed: int) -> list[dict]:
 
 def _child(args) -> None:
     """Run in the ONEDNN_VERBOSE child: warm-up and timed steps, nothing else."""
+    import tensorflow as tf
+
+    if args.inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
     run = _step_function(args.batch, args.precision, args.width)
-    for _ in range(args.warmup + args.steps):
+    for _ in range(args.warmup):
+        run()
+    print(TIMED, flush=True)  # oneDNN flushes each log line, so this marks where the timed steps begin
+    for _ in range(args.steps):
         run()
 
 
@@ -139,10 +153,14 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--onednn", action="store_true", help="oneDNN's log instead of the TF profiler")
     p.add_argument("--torch", action="store_true", help="with --onednn: also the PyTorch reference's log")
+    p.add_argument("--inter-op", type=int, default=1,
+                   help="with --onednn: TensorFlow's inter-op threads (default 1: one op at a time, as PyTorch "
+                        "runs; with 2, two primitives share the cores and each one's logged time doubles; "
+                        "0: TensorFlow's default)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if min(args.batch, args.width, args.steps) < 1 or args.warmup < 0:
-        p.error("--batch, --width and --steps must be at least 1, --warmup at least 0")
+    if min(args.batch, args.width, args.steps) < 1 or min(args.warmup, args.inter_op) < 0:
+        p.error("--batch, --width and --steps must be at least 1, --warmup and --inter-op at least 0")
     if args.torch and not args.onednn:
         p.error("--torch compares oneDNN logs: add --onednn")
     if args.child:
@@ -157,7 +175,8 @@ def main(argv=None) -> int:
         return 0
     env = dict(os.environ, ONEDNN_VERBOSE="1", TF_CPP_MIN_LOG_LEVEL="3")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batch", str(args.batch), "--width",
-           str(args.width), "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
+           str(args.width), "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
+           "--inter-op", str(args.inter_op)]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
