@@ -1,4 +1,5 @@
-"""SimSiam's loss: the symmetric negative cosine similarity with a stop-gradient.
+"""SimSiam's loss: the symmetric negative cosine similarity with a stop-gradient; and
+SimCLR's NT-Xent, the contrastive baseline it is compared with (`nt_xent`).
 
 Paper (Chen & He, 2021, Eq. 1-4):
 
@@ -69,3 +70,48 @@ def global_z_std(z: tf.Tensor) -> tf.Tensor:
     mean_sq = total[1 + dim :] / count
     return tf.reduce_mean(tf.sqrt(tf.maximum(mean_sq - tf.square(mean), 0.0)))
 
+
+
+def nt_xent(z1: tf.Tensor, z2: tf.Tensor, temperature: float = 0.5) -> tf.Tensor:
+    """SimCLR's NT-Xent loss (Chen et al., 2020, Eq. 1) over the global batch.
+
+    Every view is an anchor; its positive is the other view of its image, its
+    negatives are the 2N - 2 other views of the global batch (N images over all
+    replicas). With s the cosine similarity and t the temperature:
+
+        l(i, j) = -log( exp(s_ij / t) / sum_{k != i} exp(s_ik / t) )
+
+    and the loss is the mean of l over all 2N anchors.
+
+    Inside a replica context of several replicas, the projections of every replica
+    are all-gathered, so negatives come from the whole global batch; each replica
+    returns the mean over its own 2n anchors, and TensorFlow's all-gather gradient
+    sends every replica the gradient for its own rows from all replicas' anchors.
+    Dividing by the number of replicas and summing gradients across replicas (what
+    `train_step` does) is then exactly the single-device step on the global batch.
+
+    Args:
+        z1, z2: [n, D] projections of this replica's n images, one row per image.
+        temperature: t > 0.
+    Returns:
+        float32 scalar.
+    """
+    z1 = tf.math.l2_normalize(tf.cast(z1, tf.float32), axis=1)
+    z2 = tf.math.l2_normalize(tf.cast(z2, tf.float32), axis=1)
+    n = tf.shape(z1)[0]
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        keys1, keys2 = context.all_gather(z1, axis=0), context.all_gather(z2, axis=0)
+        offset = tf.cast(context.replica_id_in_sync_group, tf.int32) * n
+    else:
+        keys1, keys2, offset = z1, z2, 0
+    total = tf.shape(keys1)[0]
+    keys = tf.concat([keys1, keys2], axis=0)  # [2N, D]: view 1 of every image, then view 2
+    anchors = tf.concat([z1, z2], axis=0)  # [2n, D]
+    logits = tf.matmul(anchors, keys, transpose_b=True) / temperature
+    rows = offset + tf.range(n)
+    itself = tf.concat([rows, rows + total], axis=0)  # each anchor's own column
+    positive = tf.concat([rows + total, rows], axis=0)  # the other view of its image
+    logits -= 1e9 * tf.one_hot(itself, 2 * total, dtype=logits.dtype)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=positive, logits=logits)
+    return tf.reduce_mean(loss)
