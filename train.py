@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR", help="continue the run in RUN_DIR (or --logdir) from its last completed epoch; where RUN_DIR holds no run yet, start it there (one command line for a job a scheduler may restart)")
     p.add_argument("--no-stop-gradient", dest="stop_gradient", action="store_const", const=False, help="the paper's ablation: collapses")
+    p.add_argument("--method", help="simsiam (default), or simclr: the contrastive baseline (NT-Xent, no predictor) in the same harness")
+    p.add_argument("--temperature", type=_number, help="with --method simclr: NT-Xent's temperature (default 0.5)")
     p.add_argument("--backbone", help="resnet18 (CIFAR variant) or resnet50")
     p.add_argument("--width", type=_positive_int, help="channels of the backbone's first stage (64 in the paper)")
     p.add_argument("--image-size", type=_positive_int)
@@ -120,7 +122,7 @@ FLAG_KEYS = (
     "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
     "strategy", "cpu_replicas", "precision", "stop_gradient", "backbone", "width",
     "image_size", "knn_every", "knn_train_limit", "train_limit", "val_fraction", "diag_every", "input", "augment_on",
-    "data_service", "data_service_grace",
+    "data_service", "data_service_grace", "method", "temperature",
 )
 
 

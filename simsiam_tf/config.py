@@ -24,6 +24,7 @@ class TrainingDiverged(Exception):
 
 
 BACKBONES = ("resnet18", "resnet50")
+METHODS = ("simsiam", "simclr")
 PRECISIONS = ("float32", "bfloat16", "auto")  # auto: resolved by distribute.resolve_precision
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 INPUTS = ("auto", "memory", "stream")  # auto: resolved by inputs.resolve_input
@@ -56,6 +57,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     fix_pred_lr: bool = False
     stop_gradient: bool = True
+    # The method: SimSiam, or the contrastive baseline SimCLR (NT-Xent at `temperature`,
+    # 0.5 as in the SimCLR paper's CIFAR-10 runs) in the same harness.
+    method: str = "simsiam"
+    temperature: float = 0.5
     precision: str = "float32"  # train.py asks for "auto"; library callers and tests get plain float32
     seed: int = 0
     strategy: str = "default"
@@ -197,6 +202,12 @@ def validate(c: TrainConfig) -> None:
             raise UsageError(message)
 
     need(c.backbone in BACKBONES, f"--backbone {c.backbone!r}: choose one of {', '.join(BACKBONES)}")
+    need(c.method in METHODS, f"--method {c.method!r}: choose one of {', '.join(METHODS)}")
+    need(c.temperature > 0, f"--temperature must be positive, got {c.temperature}")
+    need(
+        c.method == "simsiam" or (c.stop_gradient and not c.fix_pred_lr),
+        "--no-stop-gradient and --fix-pred-lr are SimSiam's; SimCLR has neither a stop-gradient nor a predictor",
+    )
     need(c.precision in PRECISIONS, f"--precision {c.precision!r}: choose one of {', '.join(PRECISIONS)}")
     need(c.strategy in STRATEGIES, f"--strategy {c.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     need(c.input in INPUTS, f"--input {c.input!r}: choose one of {', '.join(INPUTS)}")

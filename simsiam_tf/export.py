@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from simsiam_tf import augment as aug
 from simsiam_tf.config import TrainConfig, UsageError, load_config
-from simsiam_tf.model import SimSiam, build_simsiam
+from simsiam_tf.model import TwoViewModel, build_model
 from simsiam_tf.rundir import BEST_DIR, LAST_DIR, WEIGHTS_FILE
 
 OUTPUTS = ("features", "projection")
@@ -75,13 +75,13 @@ def checkpoint_selection(path: str) -> str:
     return f"test-selected (epoch {info.get('epoch', '?')}; chosen on the test split by an older version)"
 
 
-def load_run(run_dir: str, which: str = "best") -> tuple[TrainConfig, SimSiam, str]:
+def load_run(run_dir: str, which: str = "best") -> tuple[TrainConfig, TwoViewModel, str]:
     """Rebuild a run's model from config.json and load its checkpoint."""
     if not os.path.isdir(run_dir):
         raise UsageError(f"--run {run_dir!r} is not a directory")
     config = load_config(os.path.join(run_dir, "config.json"))
     path = checkpoint_path(run_dir, which)
-    model = build_simsiam(config)
+    model = build_model(config)
     _load_model_weights(model, path)
     return config, model, path
 
@@ -97,7 +97,7 @@ def _load_model_weights(model: keras.Model, path: str) -> None:
         model.load_weights(path)
 
 
-def encoder_fn(model: SimSiam, output: str = "features"):
+def encoder_fn(model: TwoViewModel, output: str = "features"):
     """The network whose output is served: float normalised images -> float32 [B, D]."""
     if output not in OUTPUTS:
         raise UsageError(f"--output {output!r}: choose features or projection")
@@ -128,7 +128,7 @@ def decode_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec([side, side, 3], tf.uint8))
 
 
-def build_signatures(model: SimSiam, config: TrainConfig, output: str = "features"):
+def build_signatures(model: TwoViewModel, config: TrainConfig, output: str = "features"):
     """The two serving functions, traced (ExportArchive needs concrete functions)."""
     encode = encoder_fn(model, output)
     size = config.image_size
@@ -170,7 +170,7 @@ def publish_permissions(path: str) -> None:
 
 
 def export_saved_model(
-    model: SimSiam,
+    model: TwoViewModel,
     config: TrainConfig,
     export_dir: str,
     version: int | None = None,

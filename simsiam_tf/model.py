@@ -311,22 +311,20 @@ def split_views(data):
     return data[..., :3], data[..., 3:]
 
 
-class SimSiam(keras.Model):
-    """SimSiam (Chen & He, 2021): encoder f = projector(backbone(x)), predictor h.
+class TwoViewModel(keras.Model):
+    """What SimSiam and its contrastive baseline share: the training step around a loss.
 
-    `train_step` takes a batch of two views (x1, x2) of the same images and minimises
-    L = D(p1, stopgrad(z2)) / 2 + D(p2, stopgrad(z1)) / 2 (see `losses`). Calling the model
-    returns {"features", "z", "p"} for one batch of views.
-
-    Build it with `build_simsiam`, inside the distribution strategy's scope.
+    `train_step` takes a batch of two views (x1, x2) of the same images, finishes their
+    augmentation where `--augment-on device` asks, and minimises `pair_loss(x1, x2)`,
+    which the method defines; everything else (the update, the replica scaling, the
+    logged loss, z_std and lr) is the same for every method, so that two runs differ
+    only in the method. Subclasses: `SimSiam`, `SimCLR`.
     """
 
-    def __init__(self, backbone, projector, predictor, stop_gradient=True, view_augment=None, augment_seed=0, **kwargs):
+    def __init__(self, backbone, projector, view_augment=None, augment_seed=0, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.projector = projector
-        self.predictor = predictor
-        self.stop_gradient = stop_gradient
         # --augment-on device: the batches hold uint8 crops, and this layer (an
         # `augment.ViewAugment`) finishes each view on the replica's device, with
         # stateless seeds from (augment_seed, step, replica).
@@ -338,22 +336,13 @@ class SimSiam(keras.Model):
         # and fails on rank-0 values (keras-team/keras#20585); set by training code.
         self.rank1_logs = False
 
-    def call(self, x, training=False):
-        features = self.backbone(x, training=training)
-        z = self.projector(features, training=training)
-        return {"features": features, "z": z, "p": self.predictor(z, training=training)}
-
     @property
     def metrics(self):
         return [self.loss_tracker, self.z_std_tracker]
 
-    def forward_pair(self, x1, x2, training=True):
-        """p1, p2, z1, z2 for two views, each view normalised by its own BN statistics."""
-        z1 = self.projector(self.backbone(x1, training=training), training=training)
-        z2 = self.projector(self.backbone(x2, training=training), training=training)
-        p1 = self.predictor(z1, training=training)
-        p2 = self.predictor(z2, training=training)
-        return p1, p2, z1, z2
+    def pair_loss(self, x1, x2):
+        """(loss on this replica's batch, z1): the method's objective for two views."""
+        raise NotImplementedError
 
     def augment_views(self, x1, x2):
         """Flip, colour jitter, grayscale, blur and normalise two batches of uint8 crops.
@@ -379,8 +368,7 @@ class SimSiam(keras.Model):
             x1, x2 = (normalize_uint8(x) for x in (x1, x2))
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
-            p1, p2, z1, z2 = self.forward_pair(x1, x2, training=True)
-            loss = losses.simsiam_loss(p1, p2, z1, z2, stop_gradient=self.stop_gradient)
+            loss, z1 = self.pair_loss(x1, x2)
             # Keras does not scale a hand-written loss; gradients are summed across
             # replicas, so each replica contributes its share of the global mean.
             scaled = loss / replicas
@@ -404,6 +392,70 @@ class SimSiam(keras.Model):
         return tf.cast(lr, tf.float32)
 
 
+class SimSiam(TwoViewModel):
+    """SimSiam (Chen & He, 2021): encoder f = projector(backbone(x)), predictor h.
+
+    Its `pair_loss` is L = D(p1, stopgrad(z2)) / 2 + D(p2, stopgrad(z1)) / 2 (see
+    `losses`). Calling the model returns {"features", "z", "p"} for one batch of views.
+
+    Build it with `build_simsiam`, inside the distribution strategy's scope.
+    """
+
+    def __init__(self, backbone, projector, predictor, stop_gradient=True, view_augment=None, augment_seed=0, **kwargs):
+        super().__init__(backbone, projector, view_augment=view_augment, augment_seed=augment_seed, **kwargs)
+        self.predictor = predictor
+        self.stop_gradient = stop_gradient
+
+    def call(self, x, training=False):
+        features = self.backbone(x, training=training)
+        z = self.projector(features, training=training)
+        return {"features": features, "z": z, "p": self.predictor(z, training=training)}
+
+    def forward_pair(self, x1, x2, training=True):
+        """p1, p2, z1, z2 for two views, each view normalised by its own BN statistics."""
+        z1 = self.projector(self.backbone(x1, training=training), training=training)
+        z2 = self.projector(self.backbone(x2, training=training), training=training)
+        p1 = self.predictor(z1, training=training)
+        p2 = self.predictor(z2, training=training)
+        return p1, p2, z1, z2
+
+    def pair_loss(self, x1, x2):
+        p1, p2, z1, z2 = self.forward_pair(x1, x2, training=True)
+        return losses.simsiam_loss(p1, p2, z1, z2, stop_gradient=self.stop_gradient), z1
+
+
+class SimCLR(TwoViewModel):
+    """The contrastive baseline (Chen et al., 2020) in SimSiam's harness.
+
+    The same backbone and projection MLP as SimSiam, no predictor, no stop-gradient,
+    and the NT-Xent loss at `temperature` with the negatives of the whole global batch
+    (`losses.nt_xent`). Calling the model returns {"features", "z"}.
+    """
+
+    def __init__(self, backbone, projector, temperature=0.5, view_augment=None, augment_seed=0, **kwargs):
+        super().__init__(backbone, projector, view_augment=view_augment, augment_seed=augment_seed, **kwargs)
+        self.temperature = temperature
+
+    def call(self, x, training=False):
+        features = self.backbone(x, training=training)
+        return {"features": features, "z": self.projector(features, training=training)}
+
+    def pair_loss(self, x1, x2):
+        z1 = self.projector(self.backbone(x1, training=True), training=True)
+        z2 = self.projector(self.backbone(x2, training=True), training=True)
+        return losses.nt_xent(z1, z2, self.temperature), z1
+
+
+def _view_augment(config):
+    if config.augment_on != "device":
+        return None
+    from simsiam_tf import augment as aug  # keras-cv: only when it is used
+
+    view_augment = aug.ViewAugment(aug.AugmentSpec.for_image_size(config.image_size))
+    view_augment.build((None, config.image_size, config.image_size, 3))  # no weights; marks it built
+    return view_augment
+
+
 def build_simsiam(config, sync_bn: bool = False) -> SimSiam:
     """The SimSiam model described by a `TrainConfig`, built (variables created)."""
     dtype = "mixed_bfloat16" if config.precision == "bfloat16" else "float32"
@@ -411,15 +463,30 @@ def build_simsiam(config, sync_bn: bool = False) -> SimSiam:
     feat_dim = backbone.output.shape[-1]
     projector = build_projector(feat_dim, config.proj_dim, config.proj_layers, dtype, sync_bn)
     predictor = build_predictor(config.proj_dim, config.pred_dim, dtype, sync_bn)
-    view_augment = None
-    if config.augment_on == "device":
-        from simsiam_tf import augment as aug  # keras-cv: only when it is used
-
-        view_augment = aug.ViewAugment(aug.AugmentSpec.for_image_size(config.image_size))
-        view_augment.build((None, config.image_size, config.image_size, 3))  # no weights; marks it built
     model = SimSiam(
         backbone, projector, predictor, stop_gradient=config.stop_gradient,
-        view_augment=view_augment, augment_seed=config.seed, name="simsiam",
+        view_augment=_view_augment(config), augment_seed=config.seed, name="simsiam",
     )
     model(tf.zeros([2, config.image_size, config.image_size, 3]))
     return model
+
+
+def build_simclr(config, sync_bn: bool = False) -> SimCLR:
+    """The SimCLR baseline described by a `TrainConfig`: SimSiam's backbone and
+    projector, built the same way (so with the same seed they start from the same
+    weights), without the predictor."""
+    dtype = "mixed_bfloat16" if config.precision == "bfloat16" else "float32"
+    backbone = build_backbone(config.backbone, config.image_size, config.width, dtype, sync_bn)
+    projector = build_projector(backbone.output.shape[-1], config.proj_dim, config.proj_layers, dtype, sync_bn)
+    model = SimCLR(
+        backbone, projector, temperature=config.temperature,
+        view_augment=_view_augment(config), augment_seed=config.seed, name="simclr",
+    )
+    model(tf.zeros([2, config.image_size, config.image_size, 3]))
+    return model
+
+
+def build_model(config, sync_bn: bool = False) -> TwoViewModel:
+    """The model `config.method` names: `build_simsiam` or `build_simclr`."""
+    builders = {"simsiam": build_simsiam, "simclr": build_simclr}
+    return builders[getattr(config, "method", "simsiam")](config, sync_bn)

@@ -25,7 +25,7 @@ from simsiam_tf.diagnostics import probe as diag_probe
 from simsiam_tf.diagnostics import projector
 from simsiam_tf.config import TrainConfig, TrainingDiverged, UsageError, save_config
 from simsiam_tf.rundir import LAST_DIR, check_logdir
-from simsiam_tf.model import build_simsiam
+from simsiam_tf.model import build_model
 from simsiam_tf.optim import make_optimizer
 
 
@@ -185,7 +185,7 @@ def run(
 
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = build_simsiam(config, sync_bn=replicas > 1)
+        model = build_model(config, sync_bn=replicas > 1)
         model.rank1_logs = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         model.compile(optimizer=make_optimizer(model, config, steps), jit_compile=False)
         model.optimizer.build(model.trainable_variables)
@@ -243,7 +243,7 @@ def run(
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     print(
-        f"Training SimSiam ({config.preset} preset) on {training_input.name}: {training_input.num_train:,} images, "
+        f"Training {'SimCLR' if config.method == 'simclr' else 'SimSiam'} ({config.preset} preset) on {training_input.name}: {training_input.num_train:,} images, "
         f"{steps} steps/epoch, epochs {initial_epoch + 1}-{config.epochs}, global batch {config.batch_size} "
         f"on {replicas} replica(s), lr {config.lr:g}, logdir {logdir}",
         flush=True,

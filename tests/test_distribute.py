@@ -7,13 +7,13 @@ import tensorflow as tf
 
 from simsiam_tf import distribute
 from simsiam_tf.config import UsageError, make_config
-from simsiam_tf.model import build_simsiam
+from simsiam_tf.model import build_model
 from simsiam_tf.optim import make_optimizer
 
 
 def _step(strategy, config, weights, batch, steps=1):
     with strategy.scope():
-        model = build_simsiam(config, sync_bn=strategy.num_replicas_in_sync > 1)
+        model = build_model(config, sync_bn=strategy.num_replicas_in_sync > 1)
         model.set_weights(weights)
         model.compile(optimizer=make_optimizer(model, config, steps_per_epoch=10))
     ds = tf.data.Dataset.from_tensors(batch).repeat(steps)
@@ -21,13 +21,15 @@ def _step(strategy, config, weights, batch, steps=1):
     return history.history["loss"][-1], [v.numpy() for v in model.weights]
 
 
-def test_mirrored_steps_equal_single_device(mirrored):
+@pytest.mark.parametrize("method", ["simsiam", "simclr"])
+def test_mirrored_steps_equal_single_device(mirrored, method):
     # Two steps: the second starts from the first's weights, BatchNorm statistics and
-    # momentum, so a difference in any of them shows.
+    # momentum, so a difference in any of them shows. For SimCLR it also shows that
+    # each replica's anchors meet the other replica's views as negatives, through fit().
     steps = 2
-    config = make_config("digits", width=8, proj_dim=64, pred_dim=16, batch_size=16, weight_decay=5e-4)
+    config = make_config("digits", width=8, proj_dim=64, pred_dim=16, batch_size=16, weight_decay=5e-4, method=method)
     keras.utils.set_random_seed(0)
-    init = build_simsiam(config).get_weights()
+    init = build_model(config).get_weights()
     rng = np.random.default_rng(0)
     batch = tuple(tf.constant(rng.normal(size=(16, 32, 32, 3)), tf.float32) for _ in range(2))
 

@@ -1,9 +1,10 @@
 """The default recipe learns: a short run beats the kNN of its own random init.
 
 The run uses the digits preset (the offline default) with 25 epochs instead of 60, and
-without the per-epoch representation diagnostics (they only read the model). With them,
-its fixture took about 2.5 minutes on 2 AVX-512 cores and 589 s on 2 AVX2 cores (pytest
---durations, nothing else running); `python train.py`'s own numbers are in the README.
+without the per-epoch representation diagnostics (they only read the model). Its fixture
+took 220 s on 2 AVX2 cores under two pytest-xdist workers (pytest --durations; 589 s alone
+before TensorFlow's oneDNN kernels were switched on, docs/performance.md); `python
+train.py`'s own numbers are in the README.
 tests/test_collapse.py checks that the stop-gradient is what keeps it from collapsing.
 
 Why 25 epochs: training is not bit-deterministic on CPU, and 15 epochs left too little

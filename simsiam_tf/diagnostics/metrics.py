@@ -263,24 +263,25 @@ def predictor_optimality(z: np.ndarray, p: np.ndarray, bandwidth: float | None =
     }
 
 
-def all_metrics(z: np.ndarray, p: np.ndarray) -> dict:
+def all_metrics(z: np.ndarray, p: np.ndarray | None) -> dict:
     """Every diagnostic of the probe set, as a JSON-ready dict.
 
     Keys: z_std, z_std_reference (1/sqrt(D)), effective_rank, singular_values (of the
     f̄ matrix, descending), shard_ratio, predictor_cosine, predictor_identity_cosine,
-    bandwidth, alignment, uniformity.
+    bandwidth, alignment, uniformity. A model without a predictor (SimCLR) passes
+    p = None: the three predictor keys are then None.
 
     BLAS runs on one thread here: these matrices are small, and multithreaded
     OpenBLAS LAPACK slows down a hundredfold when another process holds a core
     (measured: an SVD of [256, 512] took 2 s instead of 0.01 s on 2 busy cores).
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        return _all_metrics(np.asarray(z, np.float64), np.asarray(p, np.float64))
+        return _all_metrics(np.asarray(z, np.float64), None if p is None else np.asarray(p, np.float64))
 
 
-def _all_metrics(z: np.ndarray, p: np.ndarray) -> dict:
+def _all_metrics(z: np.ndarray, p: np.ndarray | None) -> dict:
     fbar = mean_representations(z)
-    pred = predictor_optimality(z, p)
+    pred = predictor_optimality(z, p) if p is not None else dict.fromkeys(("cosine", "identity_cosine", "bandwidth"))
     return {
         "z_std": z_std(z),
         "z_std_reference": float(1.0 / np.sqrt(z.shape[-1])),

@@ -68,6 +68,7 @@ class ProbeSet:
     def _forward_fn(self, model):
         """One traced function per model: uint8 images and a seed -> (z, p), float32."""
         if id(model) not in self._forward:
+            predictor = getattr(model, "predictor", None)
 
             @tf.function(
                 input_signature=[
@@ -78,8 +79,9 @@ class ProbeSet:
             def forward(images, seed):
                 views = self._augment(images, seed=seed)
                 z = model.projector(model.backbone(views, training=False), training=False)
-                p = model.predictor(z, training=False)
-                return tf.cast(z, tf.float32), tf.cast(p, tf.float32)
+                if predictor is None:  # SimCLR: no predictor; p stands in as z, then dropped
+                    return tf.cast(z, tf.float32), tf.cast(z, tf.float32)
+                return tf.cast(z, tf.float32), tf.cast(predictor(z, training=False), tf.float32)
 
             self._forward[id(model)] = forward
         return self._forward[id(model)]
@@ -87,7 +89,8 @@ class ProbeSet:
     def embed(self, model) -> tuple[np.ndarray, np.ndarray]:
         """Projections z and predictions p of every view: float32 [N, V, D] each.
 
-        `model` needs `.backbone`, `.projector` and `.predictor` (a `SimSiam`).
+        `model` needs `.backbone` and `.projector`; p is None for a model without
+        `.predictor` (SimCLR).
         """
         forward = self._forward_fn(model)
         zs, ps = [], []
@@ -100,7 +103,8 @@ class ProbeSet:
                 p_view.append(p.numpy())
             zs.append(np.concatenate(z_view))
             ps.append(np.concatenate(p_view))
-        return np.stack(zs, axis=1), np.stack(ps, axis=1)
+        has_predictor = getattr(model, "predictor", None) is not None
+        return np.stack(zs, axis=1), np.stack(ps, axis=1) if has_predictor else None
 
     def evaluate(self, model) -> dict:
         """`metrics.all_metrics` of the model on this probe set, plus `seconds` taken."""
@@ -246,13 +250,19 @@ class DiagnosticsCallback(keras.callbacks.Callback):
             f.write(json.dumps(_json_ready(record)) + "\n")
         with self.writer.as_default():
             for key in SCALARS:
-                tf.summary.scalar(f"diagnostics/{key}", float(record[key]), step=step)
+                if record[key] is not None:  # the predictor's, for a model without one
+                    tf.summary.scalar(f"diagnostics/{key}", float(record[key]), step=step)
         self.writer.flush()
         print(
             f"\nepoch {done} diagnostics: z_std {record['z_std']:.4f} (1/sqrt(d) "
             f"{record['z_std_reference']:.4f}), effective rank {record['effective_rank']:.1f}, "
-            f"shard ratio {record['shard_ratio']:.3f}, predictor cos {record['predictor_cosine']:.3f} "
-            f"(identity {record['predictor_identity_cosine']:.3f}); {record['seconds']:.1f} s",
+            f"shard ratio {record['shard_ratio']:.3f}, "
+            + (
+                "no predictor (SimCLR)"
+                if record["predictor_cosine"] is None
+                else f"predictor cos {record['predictor_cosine']:.3f} (identity {record['predictor_identity_cosine']:.3f})"
+            )
+            + f"; {record['seconds']:.1f} s",
             flush=True,
         )
 
