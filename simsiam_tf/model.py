@@ -99,8 +99,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """The same training-mode BN in one fused op, which oneDNN runs as one primitive.
 
         Keras composes BN from a dozen element-wise ops (moments, subtract, multiply,
-        ...), each a pass over the activations, forward and backward: 9% of the
-        step's op time on a 2-core AVX2 CPU (docs/performance.md). TensorFlow's fused
+        ...), each a pass over the activations, forward and backward: about 15% of
+        the step's op time on a 2-core AVX2 CPU (docs/performance.md). TensorFlow's fused
         op returns the batch mean and the unbiased batch variance, exactly PyTorch's
         running-stat update. BN1d inputs [B, C] run as [B, 1, 1, C]. Synchronised BN
         keeps the composed path: its moments are all-reduced across replicas.
@@ -129,7 +129,7 @@ class Conv2D(keras.layers.Conv2D):
     decides the speed with oneDNN (measured, docs/performance.md):
     - a separate ZeroPadding2D layer (what this model did first) makes oneDNN convolve
       over the zeros as data, forward and in both backward passes: the 4x4 stage-4
-      maps become 6x6, and each 3x3 convolution took 1.4-1.7x as long;
+      maps become 6x6, and each stage-4 3x3 convolution took 1.25-1.65x as long;
     - TensorFlow's explicit per-side padding reaches oneDNN in the forward pass only:
       both backward passes fall back to a generic kernel, and the step was 1.4x slower;
     - "same" reaches oneDNN in all three passes.
@@ -183,6 +183,7 @@ class Conv2D(keras.layers.Conv2D):
 
     def get_config(self):
         return {**super().get_config(), "pad": self.pad}
+
 
 class _Builder:
     """Layer factories sharing the dtype policy and the BatchNorm synchronisation."""
@@ -497,4 +498,4 @@ def build_simclr(config, sync_bn: bool = False) -> SimCLR:
 def build_model(config, sync_bn: bool = False) -> TwoViewModel:
     """The model `config.method` names: `build_simsiam` or `build_simclr`."""
     builders = {"simsiam": build_simsiam, "simclr": build_simclr}
-    return builders[getattr(config, "method", "simsiam")](config, sync_bn)
+    return builders[config.method](config, sync_bn)
