@@ -2,10 +2,12 @@
 
     python analyze.py --run runs/digits-sg --run runs/digits-nosg --out docs/report
     python analyze.py --run runs/20261128-034500            # writes RUN/report/
+    python analyze.py --run runs/simsiam --run runs/simclr --out report   # the two methods
 
-Plots: loss; z_std with the 1/sqrt(d) line; kNN accuracy; the singular-value spectrum
-and effective rank of the mean representations; the shard ratio and the predictor-
-optimality cosine; alignment and uniformity. The report's tables hold the numbers per
+Plots: loss (a panel per method); z_std with the 1/sqrt(d) line; kNN accuracy; the
+singular-value spectrum and effective rank of the mean representations; the shard
+ratio and the predictor-optimality cosine (SimSiam only: SimCLR has no predictor); the
+within-image volume; alignment and uniformity. The report's tables hold the numbers per
 epoch. Bad input exits with code 2 and one line naming the problem.
 """
 

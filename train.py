@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="resnet18 (CIFAR variant) or resnet50")
     p.add_argument("--width", type=_positive_int, help="channels of the backbone's first stage (64 in the paper)")
     p.add_argument("--image-size", type=_positive_int)
+    p.add_argument(
+        "--proj-dim",
+        type=_positive_int,
+        help="output dimension of the projector (and of the predictor); the predictor's bottleneck follows "
+        "at a quarter of it unless --pred-dim is given (the paper's 2048/512)",
+    )
+    p.add_argument("--pred-dim", type=_positive_int, help="the predictor's hidden (bottleneck) dimension")
     p.add_argument("--knn-every", type=_positive_int, help="kNN monitor every N epochs (0 = off)")
     p.add_argument("--knn-bank-size", dest="knn_train_limit", type=_positive_int, help="cap the kNN feature bank (0 = whole train split)")
     p.add_argument("--diag-every", type=_positive_int, help="representation diagnostics every N epochs (0 = off)")
@@ -122,17 +129,25 @@ FLAG_KEYS = (
     "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
     "strategy", "cpu_replicas", "precision", "stop_gradient", "backbone", "width",
     "image_size", "knn_every", "knn_train_limit", "train_limit", "val_fraction", "diag_every", "input", "augment_on",
-    "data_service", "data_service_grace", "method", "temperature",
+    "data_service", "data_service_grace", "method", "temperature", "proj_dim", "pred_dim",
 )
+
+
+def explicit_overrides(args) -> dict:
+    """The config keys the command line sets, by TrainConfig name; unset flags are absent."""
+    explicit = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
+    if args.lr is not None:
+        explicit["base_lr"] = args.lr
+    if args.proj_dim and args.pred_dim is None:
+        explicit["pred_dim"] = max(1, args.proj_dim // 4)  # the paper's 2048 -> 512 bottleneck
+    return explicit
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from simsiam_tf.config import TrainingDiverged, UsageError, make_config
 
-    explicit = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
-    if args.lr is not None:
-        explicit["base_lr"] = args.lr
+    explicit = explicit_overrides(args)
     try:
         resume = bool(args.resume)
         if resume:

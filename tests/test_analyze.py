@@ -14,18 +14,21 @@ from simsiam_tf.diagnostics import report
 
 PLOT_FILES = {
     "loss.png", "z_std.png", "knn.png", "spectrum.png", "effective_rank.png",
-    "shards_predictor.png", "alignment_uniformity.png",
+    "shards_predictor.png", "volume.png", "alignment_uniformity.png",
 }
 
 
-def _fake_run(root, name, stop_gradient, proj_dim=512, views=8, epochs=4, scale=1.0):
+def _fake_run(root, name, stop_gradient, proj_dim=512, views=8, epochs=4, scale=1.0, method="simsiam"):
     """A run directory in the format training writes, with numbers chosen by hand."""
     path = root / name
     path.mkdir(parents=True)
-    config = make_config("digits", stop_gradient=stop_gradient, proj_dim=proj_dim, diag_views=views, epochs=epochs)
+    config = make_config(
+        "digits", stop_gradient=stop_gradient, proj_dim=proj_dim, diag_views=views, epochs=epochs, method=method
+    )
+    simclr = method == "simclr"
     (path / "config.json").write_text(json.dumps(config.to_dict()))
     history = [
-        {"epoch": e, "loss": -0.1 * e * scale, "z_std": 0.04 / (e if not stop_gradient else 1), "lr": 0.1,
+        {"epoch": e, "loss": (5.0 - 0.1 * e) if simclr else -0.1 * e * scale, "z_std": 0.04 / (e if not stop_gradient else 1), "lr": 0.1,
          **({"knn_top1": 0.5 + 0.05 * e} if e % 2 == 0 else {})}
         for e in range(1, epochs + 1)
     ]
@@ -35,8 +38,10 @@ def _fake_run(root, name, stop_gradient, proj_dim=512, views=8, epochs=4, scale=
     records = [
         {"epoch": e, "step": 10 * e, "z_std": 0.03 * scale, "z_std_reference": 1 / np.sqrt(proj_dim),
          "effective_rank": 10.0 * e * scale, "singular_values": list(np.linspace(5, 1, 16) ** e),
-         "shard_ratio": 0.8 - 0.1 * e * scale, "predictor_cosine": 0.5 + 0.1 * e, "predictor_identity_cosine": 0.6,
-         "bandwidth": 0.1, "alignment": 0.5, "uniformity": -2.0, "seconds": 1.0,
+         "shard_ratio": 0.8 - 0.1 * e * scale, "within_trace": 0.1 * scale, "within_log_volume": -3.0 - e * scale,
+         "within_log_volume_gap": -0.5 * e,
+         "predictor_cosine": None if simclr else 0.5 + 0.1 * e, "predictor_identity_cosine": None if simclr else 0.6,
+         "bandwidth": None if simclr else 0.1, "alignment": 0.5, "uniformity": -2.0, "seconds": 1.0,
          "wall_seconds": 100.0 * e, "diag_seconds_total": 5.0 * e}
         for e in range(1, epochs + 1)
     ]
@@ -60,10 +65,35 @@ def test_report_overlays_runs_and_tabulates_every_epoch(tmp_path, capsys):
     overview = [line for line in text.splitlines() if line.startswith("| sg |") or line.startswith("| nosg |")]
     assert len(overview) == 2
     sg = overview[0]
-    assert "| True |" in sg and "0.0300 (0.0442)" in sg and "| 40.0 |" in sg and "| 5.0% |" in sg
+    assert "| simsiam |" in sg and "| True |" in sg and "0.0300 (0.0442)" in sg and "| 40.0 |" in sg
+    assert "| -7.00 (-2.00) |" in sg and "| 5.0% |" in sg
     # Per-epoch tables: one row per epoch and run, numbers from history and diagnostics.
-    assert "| 3 | -0.3000 | 0.0400 | 0.0300 | 30.00 | 0.500 | 0.800 | 0.600 | 0.500 | -2.000 | – |" in text
-    assert "| 2 | -0.1000 | 0.0200 | 0.0150 | 10.00 | 0.700 | 0.700 | 0.600 | 0.500 | -2.000 | 0.6000 |" in text
+    assert "| 3 | -0.3000 | 0.0400 | 0.0300 | 30.00 | 0.500 | 0.1000 | -6.00 | -1.50 | 0.800 | 0.600 | 0.500 | -2.000 | – |" in text
+    assert "| 2 | -0.1000 | 0.0200 | 0.0150 | 10.00 | 0.700 | 0.0500 | -4.00 | -1.00 | 0.700 | 0.600 | 0.500 | -2.000 | 0.6000 |" in text
+
+
+def test_simsiam_and_simclr_runs_overlay(tmp_path, monkeypatch):
+    simsiam = _fake_run(tmp_path, "simsiam", True)
+    simclr = _fake_run(tmp_path, "simclr", True, method="simclr")
+    out = tmp_path / "report"
+    assert analyze.main(["--run", str(simsiam), "--run", str(simclr), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| simclr |"))
+    assert "| simclr | digits |" in row and "| no predictor |" in row and "| -7.00 (-2.00) |" in row
+    runs = [report.load_run(str(simsiam)), report.load_run(str(simclr))]
+    # The loss: one panel per method, each with its own reference line.
+    simsiam_ax, simclr_ax = _lines(monkeypatch, report.plot_loss, runs, tmp_path)
+    assert {label for label, _, _ in simsiam_ax} == {"simsiam", "minimum -1"}
+    simclr_lines = {label: y for label, _, y in simclr_ax}
+    assert simclr_lines["simclr"] == pytest.approx([4.9, 4.8, 4.7, 4.6])
+    assert simclr_lines["chance log(2N - 1), N = 128"] == [pytest.approx(np.log(255))] * 2
+    # Shards and volume for both; the predictor only for SimSiam.
+    shard_ax, predictor_ax = _lines(monkeypatch, report.plot_shards_and_predictor, runs, tmp_path)
+    assert {"simsiam", "simclr"} <= {label for label, _, _ in shard_ax}
+    assert {label for label, _, _ in predictor_ax} == {"simsiam: h", "simsiam: identity"}
+    volume_ax, gap_ax = _lines(monkeypatch, report.plot_volume, runs, tmp_path)
+    assert {label: y for label, _, y in volume_ax}["simclr"] == pytest.approx([-4.0, -5.0, -6.0, -7.0])
+    assert {label: y for label, _, y in gap_ax}["no image information"] == [0.0, 0.0]
 
 
 def _lines(monkeypatch, plot, runs, tmp_path):

@@ -126,6 +126,13 @@ def test_recorded_diagnostics_are_those_of_the_final_model(run_dir):
     within = ((unit - fbar[:, None, :]) ** 2).sum(-1).mean()
     total = ((samples - samples.mean(axis=0)) ** 2).sum(-1).mean()
     assert last["shard_ratio"] == pytest.approx(within / total, rel=1e-3)
+    # within-image volume: each image's D x D view covariance (population), its
+    # V - 1 largest eigenvalues (V views span V - 1 dimensions), mean log.
+    v = unit.shape[1]
+    covariances = [np.cov(views, rowvar=False, bias=True) for views in unit]
+    assert last["within_trace"] == pytest.approx(np.mean([np.trace(c) for c in covariances]), rel=1e-3)
+    top = [np.linalg.eigvalsh(c)[-(v - 1):] for c in covariances]
+    assert last["within_log_volume"] == pytest.approx(np.mean(np.log(top)), rel=1e-3, abs=1e-3)
 
 
 def test_tensorboard_has_the_diagnostics_scalars(run_dir):

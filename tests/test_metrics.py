@@ -90,6 +90,72 @@ def test_shard_ratio_law_of_total_variance():
     assert metrics.shard_ratio(z) == pytest.approx(0.5 / 0.75)
 
 
+# -- within-image volume -----------------------------------------------------------------
+
+
+def _simplex_shards(rng, n, v, d, radius):
+    """n images; view k of image i is c_i + radius * e_ik, the e_ik orthonormal and
+    orthogonal to the unit centre c_i, so every view has norm sqrt(1 + radius²)."""
+    assert v + 1 <= d
+    z = np.empty((n, v, d))
+    for i in range(n):
+        basis, _ = np.linalg.qr(rng.normal(size=(d, v + 1)))  # orthonormal columns
+        z[i] = basis[:, 0] + radius * basis[:, 1:].T
+    return z
+
+
+def test_within_image_volume_closed_form():
+    # Normalising divides each view by sqrt(1 + r²) =: 1/c. Centred, image i's views
+    # are c·r·(e_ik - mean_k e_ik): their V x V Gram matrix is c²r²(I - 11ᵀ/V), with
+    # eigenvalue c²r² (V - 1 times) and 0, so C_i has V - 1 eigenvalues c²r²/V.
+    rng = np.random.default_rng(10)
+    n, v, d, r = 6, 5, 16, 0.3
+    c2 = 1.0 / (1.0 + r * r)
+    volume = metrics.within_image_volume(_simplex_shards(rng, n, v, d, r))
+    assert volume["trace"] == pytest.approx(c2 * r * r * (v - 1) / v, rel=1e-9)
+    assert volume["log_volume"] == pytest.approx(np.log(c2 * r * r / v), rel=1e-9)
+
+
+def test_within_image_volume_tight_clouds_are_smaller_than_spread_ones():
+    rng = np.random.default_rng(11)
+    tight = metrics.within_image_volume(_shards(rng, n=64, noise=0.01))
+    spread = metrics.within_image_volume(_shards(rng, n=64, noise=0.05))
+    # Five times the noise: 25 times the variance before normalising (which shrinks
+    # the spread views a little: 0.05 * sqrt(64) = 0.4 of noise on a unit centre).
+    assert tight["trace"] == pytest.approx(spread["trace"] / 25, rel=0.25)
+    assert spread["log_volume"] - tight["log_volume"] == pytest.approx(np.log(25), abs=0.3)
+    # Shards are tighter than groups of views of different images, the tight ones most.
+    assert tight["log_volume_gap"] < spread["log_volume_gap"] < -1.0
+    # Views that ignore their image: own groups are as wide as mixed ones.
+    noise = metrics.within_image_volume(rng.normal(size=(400, 8, 64)))
+    assert noise["log_volume_gap"] == pytest.approx(0.0, abs=0.05)
+
+
+def test_within_image_volume_separates_shape_from_size():
+    # Equal trace; one cloud spreads along a single direction, the other over V - 1.
+    rng = np.random.default_rng(12)
+    n, v, d = 32, 8, 64
+    centres = _sphere(rng, n, 1, d)
+    along_one = centres + 0.1 * rng.normal(size=(n, v, 1)) * _sphere(rng, n, 1, d)
+    isotropic = centres + 0.1 * rng.normal(size=(n, v, d)) / np.sqrt(d)
+    line, ball = metrics.within_image_volume(along_one), metrics.within_image_volume(isotropic)
+    assert line["trace"] == pytest.approx(ball["trace"], rel=0.3)
+    assert line["log_volume"] < ball["log_volume"] - 10  # rank 1: the rest at the 1e-12 floor
+
+
+def test_within_image_volume_ignores_norms_and_rotations_and_floors_collapse():
+    rng = np.random.default_rng(13)
+    z = _shards(rng, n=16, noise=0.1)
+    rotation, _ = np.linalg.qr(rng.normal(size=(z.shape[-1],) * 2))
+    scaled = z * rng.uniform(0.1, 10.0, size=z.shape[:2] + (1,))
+    reference = metrics.within_image_volume(z)
+    for other in (z @ rotation, scaled):
+        assert metrics.within_image_volume(other) == pytest.approx(reference, rel=1e-7)
+    collapsed = metrics.within_image_volume(np.ones((10, 4, 8)))
+    assert collapsed["trace"] == pytest.approx(0.0, abs=1e-12)
+    assert collapsed["log_volume"] == pytest.approx(np.log(1e-12))
+
+
 # -- alignment and uniformity ----------------------------------------------------------
 
 
@@ -201,5 +267,6 @@ def test_all_metrics_keys_and_collapse():
     assert result["effective_rank"] == pytest.approx(1.0, abs=1e-6)
     assert result["z_std_reference"] == pytest.approx(1 / np.sqrt(d))
     assert len(result["singular_values"]) == min(32, d)
+    assert result["within_trace"] == pytest.approx(0.0, abs=1e-12)
     healthy = metrics.all_metrics(rng.normal(size=(32, 4, d)), rng.normal(size=(32, 4, d)))
     assert healthy["effective_rank"] > 20 and healthy["z_std"] > 0.8 / np.sqrt(d)

@@ -152,11 +152,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_workers_match_each_other_and_a_single_process(tmp_path):
+@pytest.mark.parametrize("method", ["simsiam", "simclr"])
+def test_two_workers_match_each_other_and_a_single_process(tmp_path, method):
     # float32 pinned, whatever the default: the comparison is to round-off, and
-    # bfloat16 rounds 2^16 times coarser.
+    # bfloat16 rounds 2^16 times coarser. For SimCLR the equal loss is the check that
+    # the negatives are global: with each worker's own 16 images the NT-Xent of a
+    # batch near chance is about log(31) = 3.4 instead of log(63) = 4.1.
     flags = ["--width", "8", "--batch-size", "32", "--train-limit", "64", "--epochs", "1", "--knn-every", "1", "--seed", "5",
-             "--precision", "float32"]
+             "--precision", "float32", "--method", method]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}

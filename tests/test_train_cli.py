@@ -71,6 +71,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
     assert not logdir.exists()
 
 
+def test_projector_dimension_flags_keep_the_papers_bottleneck():
+    import train
+
+    def config(*argv):
+        return make_config(None, **train.explicit_overrides(train.build_parser().parse_args(list(argv))))
+
+    assert (config().proj_dim, config().pred_dim) == (512, 128)  # the digits preset
+    assert (config("--proj-dim", "2048").proj_dim, config("--proj-dim", "2048").pred_dim) == (2048, 512)
+    assert config("--proj-dim", "256", "--pred-dim", "100").pred_dim == 100
+    assert config("--pred-dim", "32").proj_dim == 512
+
+
 def test_one_command_line_starts_a_run_and_continues_it(tmp_path):
     # What a scheduler that requeues a preempted job runs: the same line every time.
     command = [*TINY_FLAGS, "--epochs", "1", "--resume", str(tmp_path / "run")]

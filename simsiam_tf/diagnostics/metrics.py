@@ -114,6 +114,53 @@ def shard_ratio(z: np.ndarray) -> float:
     return float(within / total)
 
 
+def _log_volumes(zn: np.ndarray) -> np.ndarray:
+    """Mean log-eigenvalue of each group's view covariance within its span, [N].
+
+    zn: normalised views [N, V, D]. Group n's covariance C_n = X_nᵀX_n / V, with X_n
+    its views minus their mean, has rank at most r = min(V - 1, D); its r largest
+    eigenvalues are those of the small V x V matrix X_n X_nᵀ / V. Eigenvalues are
+    floored at 1e-12 so that a group whose views coincide gets a finite -27.6.
+    """
+    num_views, dim = zn.shape[1], zn.shape[2]
+    rank = min(num_views - 1, dim)
+    centred = zn - zn.mean(axis=1, keepdims=True)
+    gram = centred @ np.swapaxes(centred, 1, 2) / num_views  # [N, V, V]
+    eig = np.linalg.eigvalsh(gram)[:, -rank:]  # ascending: the r largest
+    return np.mean(np.log(np.maximum(eig, 1e-12)), axis=1)
+
+
+def within_image_volume(z: np.ndarray) -> dict:
+    """How much room each image's augmentations take up: trace and log-volume.
+
+    With z̃_nv the normalised projection of view v of image n and C_n the covariance of
+    image n's V views (population, 1/V, as in `shard_ratio`):
+
+        trace      = mean_n tr(C_n) = mean_{n,v} ||z̃_nv - f̄_n||²   (shard_ratio's numerator)
+        log_volume = mean_n (1/r) Σ_{i≤r} log λ_i(C_n),   r = min(V - 1, D)
+
+    V views span at most V - 1 dimensions, so a log-determinant over all D dimensions
+    would be -inf; log_volume is the log-determinant within the views' own span, per
+    dimension: the log of the geometric mean of the r non-zero variances. Where trace
+    measures the size of a shard, log_volume also measures its shape: a shard spread
+    along one direction has the trace of an isotropic one but a far smaller volume.
+
+    log_volume_gap is log_volume minus the same quantity for "mixed" groups of V views
+    from V different images (view v of image n + v, modulo N): 0 when an image's
+    views spread as widely as views of unrelated images, negative for tight shards.
+    It is scale-free, which lets runs with different D be compared.
+
+    Returns: {"trace": float, "log_volume": float, "log_volume_gap": float}.
+    """
+    zn = l2_normalize(np.asarray(z))
+    n, v, _ = zn.shape
+    trace = float(np.mean(np.sum((zn - zn.mean(axis=1, keepdims=True)) ** 2, axis=-1)))
+    own = float(np.mean(_log_volumes(zn)))
+    mixed_images = (np.arange(n)[:, None] + np.arange(v)[None, :]) % n  # [N, V]: distinct images when V <= N
+    mixed = zn[mixed_images, np.arange(v)[None, :]]
+    return {"trace": trace, "log_volume": own, "log_volume_gap": own - float(np.mean(_log_volumes(mixed)))}
+
+
 def _pair_sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """||a_i - b_j||² for all rows of a [..., M, D] and b [..., K, D], [..., M, K]."""
     sq = (a * a).sum(-1)[..., :, None] + (b * b).sum(-1)[..., None, :] - 2.0 * a @ np.swapaxes(b, -1, -2)
@@ -267,8 +314,9 @@ def all_metrics(z: np.ndarray, p: np.ndarray | None) -> dict:
     """Every diagnostic of the probe set, as a JSON-ready dict.
 
     Keys: z_std, z_std_reference (1/sqrt(D)), effective_rank, singular_values (of the
-    f̄ matrix, descending), shard_ratio, predictor_cosine, predictor_identity_cosine,
-    bandwidth, alignment, uniformity. A model without a predictor (SimCLR) passes
+    f̄ matrix, descending), shard_ratio, within_trace, within_log_volume,
+    within_log_volume_gap (`within_image_volume`), predictor_cosine,
+    predictor_identity_cosine, bandwidth, alignment, uniformity. A model without a predictor (SimCLR) passes
     p = None: the three predictor keys are then None.
 
     BLAS runs on one thread here: these matrices are small, and multithreaded
@@ -282,12 +330,16 @@ def all_metrics(z: np.ndarray, p: np.ndarray | None) -> dict:
 def _all_metrics(z: np.ndarray, p: np.ndarray | None) -> dict:
     fbar = mean_representations(z)
     pred = predictor_optimality(z, p) if p is not None else dict.fromkeys(("cosine", "identity_cosine", "bandwidth"))
+    volume = within_image_volume(z)
     return {
         "z_std": z_std(z),
         "z_std_reference": float(1.0 / np.sqrt(z.shape[-1])),
         "effective_rank": effective_rank(fbar),
         "singular_values": singular_values(fbar).tolist(),  # the spectrum effective_rank summarises
         "shard_ratio": shard_ratio(z),
+        "within_trace": volume["trace"],
+        "within_log_volume": volume["log_volume"],
+        "within_log_volume_gap": volume["log_volume_gap"],
         "predictor_cosine": pred["cosine"],
         "predictor_identity_cosine": pred["identity_cosine"],
         "bandwidth": pred["bandwidth"],

@@ -34,6 +34,9 @@ SCALARS = (
     "z_std_reference",
     "effective_rank",
     "shard_ratio",
+    "within_trace",
+    "within_log_volume",
+    "within_log_volume_gap",
     "predictor_cosine",
     "predictor_identity_cosine",
     "bandwidth",
@@ -119,8 +122,8 @@ def tensorboard_layout():
     """A TensorBoard custom-scalars layout that overlays related curves in one chart.
 
     z_std on the probe set, in the training batches and the 1/sqrt(d) reference;
-    the predictor's cosine to ĥ* beside the identity predictor's; alignment and
-    uniformity. Shown under TensorBoard's "Custom Scalars" tab.
+    the predictor's cosine to ĥ* beside the identity predictor's; the within-image
+    volume (log-volume and its gap to mixed groups); alignment and uniformity. Shown under TensorBoard's "Custom Scalars" tab.
     """
     from tensorboard.plugins.custom_scalar import layout_pb2
     from tensorboard.plugins.custom_scalar import summary as custom_scalar
@@ -129,13 +132,17 @@ def tensorboard_layout():
         return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=list(tags)))
 
     category = layout_pb2.Category(
-        title="SimSiam representation",
+        title="Representation (SimSiam or SimCLR)",
         chart=[
             chart("z_std against 1/sqrt(d)", r"^diagnostics/z_std$", r"^diagnostics/z_std_reference$", r"^epoch/z_std$"),
             chart("effective rank of f̄", r"^diagnostics/effective_rank$"),
             chart(
                 "shard ratio and predictor optimality",
                 r"^diagnostics/shard_ratio$", r"^diagnostics/predictor_cosine$", r"^diagnostics/predictor_identity_cosine$",
+            ),
+            chart(
+                "within-image volume: log-volume and its gap to mixed groups",
+                r"^diagnostics/within_log_volume$", r"^diagnostics/within_log_volume_gap$",
             ),
             chart("alignment and uniformity", r"^diagnostics/alignment$", r"^diagnostics/uniformity$"),
         ],
@@ -256,7 +263,8 @@ class DiagnosticsCallback(keras.callbacks.Callback):
         print(
             f"\nepoch {done} diagnostics: z_std {record['z_std']:.4f} (1/sqrt(d) "
             f"{record['z_std_reference']:.4f}), effective rank {record['effective_rank']:.1f}, "
-            f"shard ratio {record['shard_ratio']:.3f}, "
+            f"shard ratio {record['shard_ratio']:.3f}, within-image log-volume "
+            f"{record['within_log_volume']:.2f} (gap {record['within_log_volume_gap']:+.2f}), "
             + (
                 "no predictor (SimCLR)"
                 if record["predictor_cosine"] is None

@@ -1,5 +1,9 @@
 """A report of one or more runs: report.md plus PNG plots, runs overlaid.
 
+Runs of both methods overlay: a SimSiam run and a SimCLR run (`--method simclr`) share
+every plot but the loss, which gets one panel per method (the two losses are on
+different scales), and the predictor curves, which SimCLR does not have.
+
 Reads what training writes into each run directory: config.json, summary.json (the
 per-epoch `history`: loss, z_std of the training batches, kNN), diagnostics.jsonl (the
 probe-set diagnostics, `simsiam_tf.diagnostics.probe`) and, if present,
@@ -38,6 +42,10 @@ class Run:
     @property
     def history(self) -> list[dict]:
         return self.summary.get("history", [])
+
+    @property
+    def method(self) -> str:
+        return self.config.get("method", "simsiam")  # runs from before --method were SimSiam's
 
 
 def _read_json(path: str):
@@ -114,11 +122,24 @@ def _colors(runs):
 
 
 def plot_loss(runs: list[Run], out_dir: str) -> str:
-    fig, (ax,) = _figure("SimSiam loss (training batches)", "loss")
-    for run, color in zip(runs, _colors(runs)):
-        ax.plot(*_series(run.history, "loss"), color=color, label=run.label)
-    ax.axhline(-1, color="grey", lw=0.8, ls=":")
-    _legend(ax, fontsize=8)
+    """One panel per method: SimSiam's loss (minimum -1) and SimCLR's NT-Xent, whose
+    chance level log(2N - 1) (every view equally similar to all others) is drawn."""
+    methods = [m for m in ("simsiam", "simclr") if any(run.method == m for run in runs)] or ["simsiam"]
+    fig, axes = _figure("Loss (training batches)", "loss", panels=len(methods))
+    colors = dict(zip((run.label for run in runs), _colors(runs)))
+    for ax, method in zip(axes, methods):
+        ax.set_title("SimSiam: symmetric negative cosine" if method == "simsiam" else "SimCLR: NT-Xent", fontsize=9)
+        chance = set()
+        for run in runs:
+            if run.method == method:
+                ax.plot(*_series(run.history, "loss"), color=colors[run.label], label=run.label)
+                if method == "simclr":
+                    chance.add(run.config.get("batch_size"))
+        if method == "simsiam":
+            ax.axhline(-1, color="grey", lw=0.8, ls=":", label="minimum -1")
+        for n in sorted(b for b in chance if b):
+            ax.axhline(np.log(2 * n - 1), color="grey", lw=0.8, ls=":", label=f"chance log(2N - 1), N = {n}")
+        _legend(ax, fontsize=7)
     return _save(fig, out_dir, "loss.png")
 
 
@@ -183,8 +204,11 @@ def plot_shards_and_predictor(runs: list[Run], out_dir: str) -> str:
     views = set()
     for run, color in zip(runs, _colors(runs)):
         left.plot(*_series(run.diagnostics, "shard_ratio"), color=color, marker=".", label=run.label)
-        right.plot(*_series(run.diagnostics, "predictor_cosine"), color=color, marker=".", label=f"{run.label}: h")
-        right.plot(*_series(run.diagnostics, "predictor_identity_cosine"), color=color, ls="--", label=f"{run.label}: identity")
+        if run.method != "simclr":  # no predictor
+            right.plot(*_series(run.diagnostics, "predictor_cosine"), color=color, marker=".", label=f"{run.label}: h")
+            right.plot(
+                *_series(run.diagnostics, "predictor_identity_cosine"), color=color, ls="--", label=f"{run.label}: identity"
+            )
         views.add(run.config.get("diag_views"))
     for v in sorted(x for x in views if x):
         left.axhline(1 - 1 / v, color="black", lw=1, ls=":", label=f"no image information (1 - 1/{v})")
@@ -192,6 +216,18 @@ def plot_shards_and_predictor(runs: list[Run], out_dir: str) -> str:
     _legend(left, fontsize=7)
     _legend(right, fontsize=7)
     return _save(fig, out_dir, "shards_predictor.png")
+
+
+def plot_volume(runs: list[Run], out_dir: str) -> str:
+    fig, (left, right) = _figure("Within-image volume (probe set)", "mean log-variance in the views' span", panels=2)
+    right.set_ylabel("gap to groups of different images")
+    for run, color in zip(runs, _colors(runs)):
+        left.plot(*_series(run.diagnostics, "within_log_volume"), color=color, marker=".", label=run.label)
+        right.plot(*_series(run.diagnostics, "within_log_volume_gap"), color=color, marker=".", label=run.label)
+    right.axhline(0, color="black", lw=1, ls=":", label="no image information")
+    _legend(left, fontsize=8)
+    _legend(right, fontsize=7)
+    return _save(fig, out_dir, "volume.png")
 
 
 def plot_alignment_uniformity(runs: list[Run], out_dir: str) -> str:
@@ -211,6 +247,7 @@ PLOTS = (
     ("Singular-value spectrum", plot_spectrum),
     ("Effective rank", plot_rank),
     ("Shards and predictor optimality", plot_shards_and_predictor),
+    ("Within-image volume", plot_volume),
     ("Alignment and uniformity", plot_alignment_uniformity),
 )
 
@@ -221,9 +258,10 @@ def _fmt(value, spec=".4f"):
 
 def _overview(runs: list[Run]) -> list[str]:
     lines = [
-        "| run | dataset | stop-grad | epochs | loss | z_std train / probe (1/√d) | test kNN init → last (val-selected) "
-        "| eff. rank | shard ratio | pred. cos (identity) | diag. time | evaluate.py kNN / linear |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | method | dataset | stop-grad | epochs | loss | z_std train / probe (1/√d) "
+        "| test kNN init → last (val-selected) | eff. rank | shard ratio | log-volume (gap) "
+        "| pred. cos (identity) | diag. time | evaluate.py kNN / linear |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         s, c = run.summary, run.config
@@ -237,28 +275,38 @@ def _overview(runs: list[Run]) -> list[str]:
         )
         ref = 1 / np.sqrt(c["proj_dim"]) if c.get("proj_dim") else None
         lines.append(
-            f"| {run.label} | {c.get('dataset')} | {c.get('stop_gradient')} | {s.get('epochs_completed')} "
+            f"| {run.label} | {run.method} | {c.get('dataset')} | {c.get('stop_gradient')} | {s.get('epochs_completed')} "
             f"| {_fmt(s.get('loss'))} | {_fmt(s.get('z_std'))} / {_fmt(last.get('z_std'))} ({_fmt(ref)}) "
             f"| {_fmt(s.get('knn_top1_init'))} → {_fmt(s.get('knn_top1'))} ({_fmt(s.get('knn_top1_val_selected'))}) "
             f"| {_fmt(last.get('effective_rank'), '.1f')} | {_fmt(last.get('shard_ratio'), '.3f')} "
-            f"| {_fmt(last.get('predictor_cosine'), '.3f')} ({_fmt(last.get('predictor_identity_cosine'), '.3f')}) "
+            f"| {_fmt(last.get('within_log_volume'), '.2f')} ({_fmt(last.get('within_log_volume_gap'), '+.2f')}) "
+            f"| {_predictor(run, last)} "
             f"| {_fmt(share, '.1%')} | {evaluated} |"
         )
     return lines
+
+
+def _predictor(run: Run, record: dict) -> str:
+    if run.method == "simclr":
+        return "no predictor"
+    return f"{_fmt(record.get('predictor_cosine'), '.3f')} ({_fmt(record.get('predictor_identity_cosine'), '.3f')})"
 
 
 def _per_epoch(run: Run) -> list[str]:
     diag = {r["epoch"]: r for r in run.diagnostics}
     hist = {h["epoch"]: h for h in run.history}
     lines = [
-        "| epoch | loss | z_std train | z_std probe | eff. rank | shard ratio | pred. cos | identity cos | align | uniform | kNN |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| epoch | loss | z_std train | z_std probe | eff. rank | shard ratio | within trace | log-volume | gap "
+        "| pred. cos | identity cos | align | uniform | kNN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for epoch in sorted(set(diag) | set(hist)):
         h, d = hist.get(epoch, {}), diag.get(epoch, {})
         lines.append(
             f"| {epoch} | {_fmt(h.get('loss'))} | {_fmt(h.get('z_std'))} | {_fmt(d.get('z_std'))} "
             f"| {_fmt(d.get('effective_rank'), '.2f')} | {_fmt(d.get('shard_ratio'), '.3f')} "
+            f"| {_fmt(d.get('within_trace'), '.4f')} | {_fmt(d.get('within_log_volume'), '.2f')} "
+            f"| {_fmt(d.get('within_log_volume_gap'), '+.2f')} "
             f"| {_fmt(d.get('predictor_cosine'), '.3f')} | {_fmt(d.get('predictor_identity_cosine'), '.3f')} "
             f"| {_fmt(d.get('alignment'), '.3f')} | {_fmt(d.get('uniformity'), '.3f')} | {_fmt(h.get('knn_top1'))} |"
         )
@@ -268,10 +316,13 @@ def _per_epoch(run: Run) -> list[str]:
 def write_report(runs: list[Run], out_dir: str) -> str:
     """Render the plots and report.md into `out_dir`; returns the path of report.md."""
     os.makedirs(out_dir, exist_ok=True)
-    lines = ["# SimSiam run report", "", *_overview(runs), ""]
+    lines = ["# Run report", "", *_overview(runs), ""]
     lines += [
         "z_std train: the training step's batches (train-mode BatchNorm), last epoch. Probe columns: "
         "the fixed probe set in inference mode (`simsiam_tf/diagnostics/probe.py`), last evaluation. "
+        "log-volume: mean log-variance of each image's views within their span; gap: minus the same for "
+        "groups of views of different images (0 = views carry no image information). "
+        "Predictor columns: SimCLR has no predictor. "
         "diag. time: share of the run's wall time spent on the probe diagnostics. "
         "Definitions: docs/evaluation.md.",
         "",
