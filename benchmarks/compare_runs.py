@@ -3,8 +3,10 @@
     python evaluate.py --run RUN --checkpoint last          # once per run: writes evaluation.json
     python benchmarks/compare_runs.py --a runs/seed*-fp32 --b runs/seed*-bf16
 
-For kNN and linear-probe top-1 (from each run's evaluation.json) it prints each group's
-mean, standard deviation and range, the difference of means (b - a), and a two-sided
+For kNN and linear-probe top-1 (from each run's evaluation.json), and for the last
+probe-set diagnostics of each run (diagnostics.jsonl: effective rank, shard ratio,
+within-image trace, log-volume and its gap, alignment, uniformity; the rows every run
+has), it prints each group's mean, standard deviation and range, the difference of means (b - a), and a two-sided
 permutation p-value: the share of all ways of splitting the pooled runs into groups of
 the same sizes whose difference of means is at least as large. Exact for up to 200,000
 splits, else 200,000 random splits with a fixed seed. A small p says the groups differ
@@ -26,6 +28,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import report  # noqa: E402
 
 METRICS = (("knn", "kNN top-1"), ("linear_probe", "linear probe top-1"))
+DIAGNOSTICS = (
+    ("effective_rank", "effective rank of f̄"),
+    ("shard_ratio", "shard ratio"),
+    ("within_trace", "within-image trace"),
+    ("within_log_volume", "within-image log-volume"),
+    ("within_log_volume_gap", "log-volume gap to mixed groups"),
+    ("alignment", "alignment"),
+    ("uniformity", "uniformity"),
+)
 EXACT_LIMIT = 200_000
 
 
@@ -38,9 +49,19 @@ def read_run(path: str) -> dict:
         evaluation = json.load(f)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    out = {"run": path, "precision": config.get("precision"), "seed": config.get("seed")}
+    out = {"run": path, "precision": config.get("precision"), "seed": config.get("seed"),
+           "method": config.get("method", "simsiam"), "proj_dim": config.get("proj_dim")}
     for key, _ in METRICS:
         out[key] = float(evaluation[key]["top1"])
+    records = os.path.join(path, "diagnostics.jsonl")
+    if os.path.exists(records):
+        with open(records) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        if lines:
+            out["diagnostics_epoch"] = lines[-1]["epoch"]
+            for key, _ in DIAGNOSTICS:
+                if lines[-1].get(key) is not None:
+                    out[key] = float(lines[-1][key])
     return out
 
 
@@ -72,15 +93,17 @@ def permutation_p(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
 
 def compare(a_runs: list[dict], b_runs: list[dict]) -> list[dict]:
     rows = []
-    for key, name in METRICS:
+    for key, name in METRICS + DIAGNOSTICS:
+        if not all(key in r for r in a_runs + b_runs):
+            continue  # a diagnostic some run did not record
         a = np.array([r[key] for r in a_runs])
         b = np.array([r[key] for r in b_runs])
         rows.append({
             "metric": name,
             "a_mean": float(a.mean()), "a_std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-            "a_range": f"{a.min():.3f}-{a.max():.3f}",
+            "a_range": f"{a.min():.3f} to {a.max():.3f}",
             "b_mean": float(b.mean()), "b_std": float(b.std(ddof=1)) if len(b) > 1 else 0.0,
-            "b_range": f"{b.min():.3f}-{b.max():.3f}",
+            "b_range": f"{b.min():.3f} to {b.max():.3f}",
             "b_minus_a": float(b.mean() - a.mean()),
             "p": permutation_p(a, b),
         })
@@ -96,7 +119,8 @@ def main(argv=None) -> int:
     b_runs = [read_run(r) for r in args.b]
     for group, runs in (("a", a_runs), ("b", b_runs)):
         for r in runs:
-            print(f"{group}  {r['run']}  {r['precision']}  seed {r['seed']}  kNN {r['knn']:.3f}  linear {r['linear_probe']:.3f}")
+            print(f"{group}  {r['run']}  {r['method']}  d={r['proj_dim']}  {r['precision']}  seed {r['seed']}  "
+                  f"kNN {r['knn']:.3f}  linear {r['linear_probe']:.3f}")
     print()
     columns = [("metric", "metric"), ("a_mean", "a mean"), ("a_std", "a std"), ("a_range", "a range"),
                ("b_mean", "b mean"), ("b_std", "b std"), ("b_range", "b range"), ("b_minus_a", "b - a"), ("p", "p")]

@@ -123,6 +123,26 @@ def test_compare_runs_permutation_p_and_means(tmp_path, python):
     assert [r["seed"] for r in out["b"]] == [0, 1, 2]
 
 
+def test_compare_runs_adds_the_last_diagnostics_every_run_has(tmp_path, python):
+    def run(name, volumes, shard=None):
+        path = _fake_run(tmp_path / name, "float32", 0, 0.5, 0.9)
+        records = [{"epoch": 5 * (i + 1), "within_log_volume": v, "shard_ratio": shard} for i, v in enumerate(volumes)]
+        with open(os.path.join(path, "diagnostics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        return path
+
+    # The last record counts; a key some run lacks (None here) gets no row.
+    a = [run("a0", [0.0, -4.0], 0.3), run("a1", [0.0, -6.0])]
+    b = [run("b0", [-9.0, -3.0], 0.4), run("b1", [-9.0, -1.0], 0.5)]
+    out = _run(python, "compare_runs.py", "--a", *a, "--b", *b)
+    rows = {r["metric"]: r for r in out["rows"]}
+    assert set(rows) == {"kNN top-1", "linear probe top-1", "within-image log-volume"}
+    volume = rows["within-image log-volume"]
+    assert volume["a_mean"] == -5.0 and volume["b_mean"] == -2.0 and volume["b_minus_a"] == 3.0
+    assert volume["a_range"] == "-6.000 to -4.000"
+    assert out["a"][0]["diagnostics_epoch"] == 10
+
+
 def test_compare_runs_names_the_missing_evaluation(tmp_path, python):
     run = tmp_path / "run"
     run.mkdir()

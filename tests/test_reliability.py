@@ -16,7 +16,7 @@ from PIL import Image
 from simsiam_tf import data as data_lib
 from simsiam_tf import training
 from simsiam_tf.config import TrainingDiverged, UsageError, load_config, make_config
-from simsiam_tf.model import build_simsiam
+from simsiam_tf.model import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ def _tiny(**kw):
 
 
 def _load(logdir, sub="last"):
-    model = build_simsiam(load_config(os.path.join(logdir, "config.json")))
+    model = build_model(load_config(os.path.join(logdir, "config.json")))
     name = "latest.weights.h5" if sub.startswith("last") else "model.weights.h5"
     model.load_weights(os.path.join(logdir, "checkpoints", sub, name))
     return [v.numpy() for v in model.weights]
@@ -181,15 +181,18 @@ def test_two_workers_match_each_other_and_a_single_process(tmp_path, method):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    chief, other, alone = _load(logdir), _load(logdir, "last-worker1"), _load(single)
-    for a, b in zip(chief, other):
-        np.testing.assert_array_equal(a, b)  # all-reduced updates: bit-identical
-    for a, c in zip(chief, alone):
-        # float32 round-off only: synchronised BatchNorm computes the variance as
-        # E[x^2] - E[x]^2, one device as E[(x - mean)^2]. A sharding or scaling bug
-        # would show up as differences of order one.
-        np.testing.assert_allclose(a, c, rtol=1e-3, atol=1e-4)
     s_multi = json.loads(open(os.path.join(logdir, "summary.json")).read())
     s_single = json.loads(open(os.path.join(single, "summary.json")).read())
     assert s_multi["loss"] == pytest.approx(s_single["loss"], abs=1e-5)
+    chief, other, alone = _load(logdir), _load(logdir, "last-worker1"), _load(single)
+    for a, b in zip(chief, other):
+        np.testing.assert_array_equal(a, b)  # all-reduced updates: bit-identical
+    # float32 round-off only: synchronised BatchNorm computes the variance as
+    # E[x^2] - E[x]^2, one device as E[(x - mean)^2]. A sharding or scaling bug
+    # would show up as differences of order one. NT-Xent's gradients are larger
+    # (1/temperature = 2, and every negative contributes), so the same relative
+    # round-off reaches 1.5e-4 in the first convolution's kernel (measured).
+    atol = 1e-4 if method == "simsiam" else 3e-4
+    for a, c in zip(chief, alone):
+        np.testing.assert_allclose(a, c, rtol=1e-3, atol=atol)
     assert s_multi["z_std"] == pytest.approx(s_single["z_std"], abs=1e-5)  # global, not per replica
