@@ -119,8 +119,9 @@ def main(argv=None) -> int:
     b_runs = [read_run(r) for r in args.b]
     for group, runs in (("a", a_runs), ("b", b_runs)):
         for r in runs:
+            diagnostics = "".join(f"  {key} {r[key]:.3f}" for key, _ in DIAGNOSTICS if key in r)
             print(f"{group}  {r['run']}  {r['method']}  d={r['proj_dim']}  {r['precision']}  seed {r['seed']}  "
-                  f"kNN {r['knn']:.3f}  linear {r['linear_probe']:.3f}")
+                  f"kNN {r['knn']:.3f}  linear {r['linear_probe']:.3f}{diagnostics}")
     print()
     columns = [("metric", "metric"), ("a_mean", "a mean"), ("a_std", "a std"), ("a_range", "a range"),
                ("b_mean", "b mean"), ("b_std", "b std"), ("b_range", "b range"), ("b_minus_a", "b - a"), ("p", "p")]
