@@ -4,7 +4,7 @@
     python benchmarks/compare_runs.py --a runs/seed*-fp32 --b runs/seed*-bf16
 
 For kNN and linear-probe top-1 (from each run's evaluation.json), and for the last
-probe-set diagnostics of each run (diagnostics.jsonl: effective rank, shard ratio,
+probe-set diagnostics of each run (diagnostics.jsonl: effective ranks, shard ratio,
 within-image trace, log-volume and its gap, alignment, uniformity; the rows every run
 has), it prints each group's mean, standard deviation and range, the difference of means (b - a), and a two-sided
 permutation p-value: the share of all ways of splitting the pooled runs into groups of
@@ -30,6 +30,7 @@ from common import report  # noqa: E402
 METRICS = (("knn", "kNN top-1"), ("linear_probe", "linear probe top-1"))
 DIAGNOSTICS = (
     ("effective_rank", "effective rank of f̄"),
+    ("between_rank", "rank of the image means, noise-corrected"),
     ("shard_ratio", "shard ratio"),
     ("within_trace", "within-image trace"),
     ("within_log_volume", "within-image log-volume"),

@@ -90,6 +90,37 @@ def effective_rank(matrix: np.ndarray) -> float:
     return float(np.exp(-np.sum(q * np.log(q))))
 
 
+def between_image_effective_rank(z: np.ndarray) -> float:
+    """Effective rank of the image means' covariance, corrected for the views' noise.
+
+    `effective_rank(f̄)` is confounded by the within-image spread: f̄ averages only V
+    views, so a model whose views spread widely (a large-volume shard) gets noisier
+    f̄ and a spuriously higher rank. This estimates the rank of the true image means
+    E_aug[z̃] instead. With S_n the unbiased covariance of image n's V views and W their
+    mean, the covariance of an image's V-view mean around its true mean is S_n / V, so
+
+        B* = Cov_n(f̄) - W / V      (both unbiased; Cov over the N images)
+
+    is an unbiased estimate of the covariance of the true means. Its eigenvalues,
+    clipped at 0 (at 1e-12, below which they are round-off), give σ_i = sqrt(λ_i), and the rank is exp of the entropy of
+    σ_i / Σσ_j, as in `effective_rank` (there of singular values of f̄, not centred).
+    Needs N >= 2 and V >= 2; 0 when nothing is left after the correction.
+    """
+    zn = l2_normalize(np.asarray(z))
+    n, v, _ = zn.shape
+    fbar = zn.mean(axis=1)
+    centred = zn - fbar[:, None, :]
+    within = np.einsum("nvi,nvj->ij", centred, centred) / (n * (v - 1))
+    between = np.cov(fbar, rowvar=False)
+    lam = np.linalg.eigvalsh(between - within / v)
+    sigma = np.sqrt(np.where(lam > 1e-12, lam, 0.0))  # below 1e-12: round-off of unit vectors
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    q = sigma[sigma > 0] / total
+    return float(np.exp(-np.sum(q * np.log(q))))
+
+
 def shard_ratio(z: np.ndarray) -> float:
     """Within-image variance of z̃ across augmentations, divided by its total variance.
 
@@ -314,7 +345,7 @@ def all_metrics(z: np.ndarray, p: np.ndarray | None) -> dict:
     """Every diagnostic of the probe set, as a JSON-ready dict.
 
     Keys: z_std, z_std_reference (1/sqrt(D)), effective_rank, singular_values (of the
-    f̄ matrix, descending), shard_ratio, within_trace, within_log_volume,
+    f̄ matrix, descending), between_rank (`between_image_effective_rank`), shard_ratio, within_trace, within_log_volume,
     within_log_volume_gap (`within_image_volume`), predictor_cosine,
     predictor_identity_cosine, bandwidth, alignment, uniformity. A model without a predictor (SimCLR) passes
     p = None: the three predictor keys are then None.
@@ -336,6 +367,7 @@ def _all_metrics(z: np.ndarray, p: np.ndarray | None) -> dict:
         "z_std_reference": float(1.0 / np.sqrt(z.shape[-1])),
         "effective_rank": effective_rank(fbar),
         "singular_values": singular_values(fbar).tolist(),  # the spectrum effective_rank summarises
+        "between_rank": between_image_effective_rank(z),
         "shard_ratio": shard_ratio(z),
         "within_trace": volume["trace"],
         "within_log_volume": volume["log_volume"],

@@ -33,6 +33,7 @@ SCALARS = (
     "z_std",
     "z_std_reference",
     "effective_rank",
+    "between_rank",
     "shard_ratio",
     "within_trace",
     "within_log_volume",
