@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help="global batch, split across replicas")
     p.add_argument("--lr", type=_number, help="base learning rate; the rate used is lr * batch-size / 256")
     p.add_argument("--weight-decay", type=_number)
-    p.add_argument("--fix-pred-lr", action="store_const", const=True, help="keep the predictor's lr constant")
+    p.add_argument(
+        "--fix-pred-lr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the predictor's lr constant (the imagenet preset's default; --no-fix-pred-lr turns it off)",
+    )
     p.add_argument("--seed", type=_positive_int)
     p.add_argument("--logdir", help="run directory (default runs/<timestamp>)")
     p.add_argument("--strategy", help="default, mirrored, multi_worker or tpu")

@@ -83,6 +83,17 @@ def test_projector_dimension_flags_keep_the_papers_bottleneck():
     assert config("--pred-dim", "32").proj_dim == 512
 
 
+def test_fix_pred_lr_can_be_turned_on_and_off():
+    import train
+
+    def config(*argv):
+        return make_config(None, **train.explicit_overrides(train.build_parser().parse_args(list(argv))))
+
+    assert config("--dataset", "imagenet2012").fix_pred_lr is True  # the imagenet preset's
+    assert config("--dataset", "imagenet2012", "--no-fix-pred-lr").fix_pred_lr is False
+    assert config().fix_pred_lr is False and config("--fix-pred-lr").fix_pred_lr is True
+
+
 def test_one_command_line_starts_a_run_and_continues_it(tmp_path):
     # What a scheduler that requeues a preempted job runs: the same line every time.
     command = [*TINY_FLAGS, "--epochs", "1", "--resume", str(tmp_path / "run")]
