@@ -111,7 +111,10 @@ def test_one_epoch_delivers_every_image_of_a_folder_exactly_once(cluster, tmp_pa
     counts = Counter(seen)
     assert max(counts.values()) == 1  # nothing twice
     assert sorted(i for e, i in seen if e == 0) == list(range(1000))  # the whole epoch
-    assert {e for e, _ in seen} <= {0, 1}  # then the next epoch, nothing else
+    # Then later epochs of this stream only: the run's second and the reserve (epoch 2).
+    # A worker slowed by a busy CPU can hand over its last epoch-0 unit after the
+    # other worker has reached the reserve (seen once in a full run beside training).
+    assert {e for e, _ in seen} <= {0, 1, 2}
 
 
 def test_a_worker_killed_mid_epoch_costs_only_its_images_and_they_are_counted(cluster, tmp_path):
