@@ -218,12 +218,22 @@ def plot_shards_and_predictor(runs: list[Run], out_dir: str) -> str:
     return _save(fig, out_dir, "shards_predictor.png")
 
 
-def plot_volume(runs: list[Run], out_dir: str) -> str:
-    fig, (left, right) = _figure("Within-image volume (probe set)", "mean log-variance in the views' span", panels=2)
-    right.set_ylabel("gap to groups of different images")
+def _side_by_side(runs: list[Run], title: str, left_key: str, left_label: str, right_key: str, right_label: str):
+    """Two diagnostics per epoch in two panels, one line per run in each."""
+    fig, (left, right) = _figure(title, left_label, panels=2)
+    right.set_ylabel(right_label)
     for run, color in zip(runs, _colors(runs)):
-        left.plot(*_series(run.diagnostics, "within_log_volume"), color=color, marker=".", label=run.label)
-        right.plot(*_series(run.diagnostics, "within_log_volume_gap"), color=color, marker=".", label=run.label)
+        left.plot(*_series(run.diagnostics, left_key), color=color, marker=".", label=run.label)
+        right.plot(*_series(run.diagnostics, right_key), color=color, marker=".", label=run.label)
+    return fig, left, right
+
+
+def plot_volume(runs: list[Run], out_dir: str) -> str:
+    fig, left, right = _side_by_side(
+        runs, "Within-image volume (probe set)",
+        "within_log_volume", "mean log-variance in the views' span",
+        "within_log_volume_gap", "gap to groups of different images",
+    )
     right.axhline(0, color="black", lw=1, ls=":", label="no image information")
     _legend(left, fontsize=8)
     _legend(right, fontsize=7)
@@ -231,11 +241,11 @@ def plot_volume(runs: list[Run], out_dir: str) -> str:
 
 
 def plot_alignment_uniformity(runs: list[Run], out_dir: str) -> str:
-    fig, (left, right) = _figure("Alignment and uniformity (Wang & Isola, 2020)", "alignment (lower: views agree)", panels=2)
-    right.set_ylabel("uniformity (lower: more spread)")
-    for run, color in zip(runs, _colors(runs)):
-        left.plot(*_series(run.diagnostics, "alignment"), color=color, marker=".", label=run.label)
-        right.plot(*_series(run.diagnostics, "uniformity"), color=color, marker=".", label=run.label)
+    fig, left, _ = _side_by_side(
+        runs, "Alignment and uniformity (Wang & Isola, 2020)",
+        "alignment", "alignment (lower: views agree)",
+        "uniformity", "uniformity (lower: more spread)",
+    )
     _legend(left, fontsize=8)
     return _save(fig, out_dir, "alignment_uniformity.png")
 
