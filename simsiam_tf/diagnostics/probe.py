@@ -123,8 +123,10 @@ def tensorboard_layout():
     """A TensorBoard custom-scalars layout that overlays related curves in one chart.
 
     z_std on the probe set, in the training batches and the 1/sqrt(d) reference;
-    the predictor's cosine to ĥ* beside the identity predictor's; the within-image
-    volume (log-volume and its gap to mixed groups); alignment and uniformity. Shown under TensorBoard's "Custom Scalars" tab.
+    the effective rank of f̄ beside its noise-corrected version; the predictor's cosine
+    to ĥ* beside the identity predictor's; the within-image volume (log-volume and its
+    gap to mixed groups); alignment and uniformity. Shown under TensorBoard's "Custom
+    Scalars" tab.
     """
     from tensorboard.plugins.custom_scalar import layout_pb2
     from tensorboard.plugins.custom_scalar import summary as custom_scalar
@@ -136,7 +138,7 @@ def tensorboard_layout():
         title="Representation (SimSiam or SimCLR)",
         chart=[
             chart("z_std against 1/sqrt(d)", r"^diagnostics/z_std$", r"^diagnostics/z_std_reference$", r"^epoch/z_std$"),
-            chart("effective rank of f̄", r"^diagnostics/effective_rank$"),
+            chart("effective rank of f̄ and noise-corrected", r"^diagnostics/effective_rank$", r"^diagnostics/between_rank$"),
             chart(
                 "shard ratio and predictor optimality",
                 r"^diagnostics/shard_ratio$", r"^diagnostics/predictor_cosine$", r"^diagnostics/predictor_identity_cosine$",
