@@ -225,6 +225,49 @@ def _diverged(model) -> bool:
     return bool(getattr(model, "diverged", None))
 
 
+class CollapseWarning(keras.callbacks.Callback):
+    """One warning when the training z_std stays far below 1/sqrt(d): collapse.
+
+    The threshold comes from the measured runs (docs/collapse.md, docs/contrastive.md):
+    healthy SimSiam and SimCLR runs keep the training batches' z_std at 0.98-1.0 of
+    1/sqrt(d) from the first epoch; runs without the stop-gradient fall to 0.20-0.47 of
+    it and stay there. Below `fraction` = 0.6 of 1/sqrt(d) for `patience` epochs in a
+    row, it prints one line and writes it to TensorBoard as text (warnings/collapse).
+    """
+
+    def __init__(self, logdir: str, proj_dim: int, is_chief: bool = True, fraction: float = 0.6, patience: int = 3):
+        super().__init__()
+        self.logdir = logdir
+        self.reference = 1.0 / np.sqrt(proj_dim)
+        self.is_chief = is_chief
+        self.fraction = fraction
+        self.patience = patience
+        self._below = 0
+        self._warned = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        z_std = (logs or {}).get("z_std")
+        if z_std is None or self._warned:
+            return
+        self._below = self._below + 1 if float(z_std) < self.fraction * self.reference else 0
+        if self._below < self.patience:
+            return
+        self._warned = True
+        message = (
+            f"warning: the representation may have collapsed: training z_std {float(z_std):.4f} has stayed below "
+            f"{self.fraction} x 1/sqrt(d) = {self.fraction * self.reference:.4f} for {self.patience} epochs "
+            f"(healthy runs stay near 1/sqrt(d) = {self.reference:.4f}): the outputs are close to one direction and "
+            "carry little information about the image. Check that the stop-gradient is on (no --no-stop-gradient), "
+            "try a lower --lr in a new run, and see docs/collapse.md"
+        )
+        print("\n" + message, file=sys.stderr, flush=True)
+        if self.is_chief:
+            writer = tf.summary.create_file_writer(os.path.join(self.logdir, "tb"))
+            with writer.as_default():
+                tf.summary.text("warnings/collapse", message, step=int(self.model.optimizer.iterations.numpy()))
+            writer.close()
+
+
 class EpochTimer(keras.callbacks.Callback):
     """`logs["epoch_seconds"]`: the epoch's training time, measured before the
     evaluations that later callbacks run at its end."""

@@ -103,7 +103,7 @@ def reporting_callbacks(
             "(PATH/train/<class>/* and PATH/test/<class>/*)",
             file=sys.stderr,
         )
-    callbacks = [cb.EpochTimer()]
+    callbacks = [cb.EpochTimer(), cb.CollapseWarning(logdir, config.proj_dim, is_chief=chief)]
     if knn is not None:
         callbacks.append(knn)
     if knn is not None and training_input.has_val:

@@ -38,6 +38,25 @@ def runs(tmp_path_factory):
     return out
 
 
+def _collapse_warnings(run_dir):
+    import os
+
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    if "warnings/collapse" not in acc.Tags()["tensors"]:
+        return []
+    return [tf.make_ndarray(e.tensor_proto).item().decode() for e in acc.Tensors("warnings/collapse")]
+
+
+def test_collapse_warning_fires_once_without_the_stop_gradient_and_never_with_it(runs):
+    (message,) = _collapse_warnings(runs[False][0])
+    assert "may have collapsed" in message and "--no-stop-gradient" in message
+    assert _collapse_warnings(runs[True][0]) == []
+
+
 def _parallel_pairs(run_dir):
     """Fraction of pairs of probe views whose z̃ have cosine above 0.95."""
     config, model, _ = load_run(run_dir, "last")
@@ -83,3 +102,18 @@ def test_with_stop_gradient_the_same_recipe_does_not(runs):
     assert _parallel_pairs(path) < 0.05
     collapsed = runs[False][2]
     assert diag["effective_rank"] > 5 * collapsed["effective_rank"]
+
+
+def test_collapse_warning_needs_patience_epochs_in_a_row_and_prints_once(capsys, tmp_path):
+    from simsiam_tf.callbacks import CollapseWarning
+
+    d = 64
+    warn = CollapseWarning(str(tmp_path), d, is_chief=False)  # 0.6 / sqrt(64) = 0.075
+    for epoch, z_std in enumerate([0.05, 0.05, 0.124, 0.05, 0.05, 0.2]):  # never 3 in a row
+        warn.on_epoch_end(epoch, {"z_std": z_std})
+    assert "collapsed" not in capsys.readouterr().err
+    for epoch, z_std in enumerate([0.07, 0.01, 0.03, 0.02], start=6):
+        warn.on_epoch_end(epoch, {"z_std": z_std})
+    lines = [line for line in capsys.readouterr().err.splitlines() if "collapsed" in line]
+    assert len(lines) == 1 and "0.0300" in lines[0] and "0.0750" in lines[0]
+    assert not (tmp_path / "tb").exists()  # only the chief writes TensorBoard
