@@ -82,7 +82,11 @@ def effective_rank(matrix: np.ndarray) -> float:
     dimensionality", EUSIPCO 2007; used for SSL representations by Garrido et al.,
     "RankMe", ICML 2023.
     """
-    s = singular_values(matrix)
+    return _entropy_rank(singular_values(matrix))
+
+
+def _entropy_rank(s: np.ndarray) -> float:
+    """exp(-Σ q_i log q_i) with q = s / Σs, for non-negative s; 0 when s sums to 0."""
     total = s.sum()
     if total <= 0:
         return 0.0
@@ -102,8 +106,9 @@ def between_image_effective_rank(z: np.ndarray) -> float:
         B* = Cov_n(f̄) - W / V      (both unbiased; Cov over the N images)
 
     is an unbiased estimate of the covariance of the true means. Its eigenvalues,
-    clipped at 0 (at 1e-12, below which they are round-off), give σ_i = sqrt(λ_i), and the rank is exp of the entropy of
-    σ_i / Σσ_j, as in `effective_rank` (there of singular values of f̄, not centred).
+    clipped at 0 (at 1e-12, below which they are round-off), give σ_i = sqrt(λ_i),
+    and the rank is exp of the entropy of σ_i / Σσ_j, as in `effective_rank` (there
+    of the singular values of f̄, not centred).
     Needs N >= 2 and V >= 2; 0 when nothing is left after the correction.
     """
     zn = l2_normalize(np.asarray(z))
@@ -113,12 +118,7 @@ def between_image_effective_rank(z: np.ndarray) -> float:
     within = np.einsum("nvi,nvj->ij", centred, centred) / (n * (v - 1))
     between = np.cov(fbar, rowvar=False)
     lam = np.linalg.eigvalsh(between - within / v)
-    sigma = np.sqrt(np.where(lam > 1e-12, lam, 0.0))  # below 1e-12: round-off of unit vectors
-    total = sigma.sum()
-    if total <= 0:
-        return 0.0
-    q = sigma[sigma > 0] / total
-    return float(np.exp(-np.sum(q * np.log(q))))
+    return _entropy_rank(np.sqrt(np.where(lam > 1e-12, lam, 0.0)))  # below 1e-12: round-off
 
 
 def shard_ratio(z: np.ndarray) -> float:
@@ -136,13 +136,17 @@ def shard_ratio(z: np.ndarray) -> float:
     from. A collapsed representation has total = 0 and gets NaN.
     """
     zn = l2_normalize(np.asarray(z))
-    centred_within = zn - zn.mean(axis=1, keepdims=True)
     centred_total = zn - zn.reshape(-1, zn.shape[-1]).mean(axis=0)
-    within = np.mean(np.sum(centred_within**2, axis=-1))
+    within = _within_variance(zn)
     total = np.mean(np.sum(centred_total**2, axis=-1))
     if total <= 1e-12:
         return float("nan")
     return float(within / total)
+
+
+def _within_variance(zn: np.ndarray) -> float:
+    """mean_{n,v} ||z̃_nv - f̄_n||² of normalised views zn [N, V, D]."""
+    return float(np.mean(np.sum((zn - zn.mean(axis=1, keepdims=True)) ** 2, axis=-1)))
 
 
 def _log_volumes(zn: np.ndarray) -> np.ndarray:
@@ -185,11 +189,10 @@ def within_image_volume(z: np.ndarray) -> dict:
     """
     zn = l2_normalize(np.asarray(z))
     n, v, _ = zn.shape
-    trace = float(np.mean(np.sum((zn - zn.mean(axis=1, keepdims=True)) ** 2, axis=-1)))
     own = float(np.mean(_log_volumes(zn)))
     mixed_images = (np.arange(n)[:, None] + np.arange(v)[None, :]) % n  # [N, V]: distinct images when V <= N
     mixed = zn[mixed_images, np.arange(v)[None, :]]
-    return {"trace": trace, "log_volume": own, "log_volume_gap": own - float(np.mean(_log_volumes(mixed)))}
+    return {"trace": _within_variance(zn), "log_volume": own, "log_volume_gap": own - float(np.mean(_log_volumes(mixed)))}
 
 
 def _pair_sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -345,10 +348,11 @@ def all_metrics(z: np.ndarray, p: np.ndarray | None) -> dict:
     """Every diagnostic of the probe set, as a JSON-ready dict.
 
     Keys: z_std, z_std_reference (1/sqrt(D)), effective_rank, singular_values (of the
-    f̄ matrix, descending), between_rank (`between_image_effective_rank`), shard_ratio, within_trace, within_log_volume,
-    within_log_volume_gap (`within_image_volume`), predictor_cosine,
-    predictor_identity_cosine, bandwidth, alignment, uniformity. A model without a predictor (SimCLR) passes
-    p = None: the three predictor keys are then None.
+    f̄ matrix, descending), between_rank (`between_image_effective_rank`), shard_ratio,
+    within_trace, within_log_volume, within_log_volume_gap (`within_image_volume`),
+    predictor_cosine, predictor_identity_cosine, bandwidth, alignment, uniformity. A
+    model without a predictor (SimCLR) passes p = None: the three predictor keys are
+    then None.
 
     BLAS runs on one thread here: these matrices are small, and multithreaded
     OpenBLAS LAPACK slows down a hundredfold when another process holds a core
