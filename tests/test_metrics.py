@@ -286,6 +286,16 @@ def test_bandwidth_selection_prefers_the_scale_of_the_shards():
     assert metrics.select_bandwidth(loose) > metrics.select_bandwidth(tight)
 
 
+def test_parallel_fraction_counts_pairs_above_the_cosine_threshold():
+    # Three views along e1 (one scaled), one along -e1, one along e2: of the 10 pairs,
+    # the 3 among the e1 views are parallel; norms do not matter.
+    z = np.array([[1, 0], [2, 0], [0.5, 0], [-1, 0], [0, 1]], np.float64)
+    assert metrics.parallel_fraction(z) == pytest.approx(3 / 10)
+    assert metrics.parallel_fraction(z.reshape(1, 5, 2)) == pytest.approx(3 / 10)  # [N, V, D] too
+    assert metrics.parallel_fraction(np.ones([4, 3, 8])) == 1.0  # a point: every pair
+    assert metrics.parallel_fraction(_sphere(np.random.default_rng(0), 64, 4, 128)) == 0.0
+
+
 def test_all_metrics_keys_and_collapse():
     rng = np.random.default_rng(9)
     d = 64

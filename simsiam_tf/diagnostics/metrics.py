@@ -240,6 +240,18 @@ def uniformity(z: np.ndarray, t: float = 2.0) -> float:
     return float(np.log(total / (n * v * (n - 1) * v)))
 
 
+def parallel_fraction(z: np.ndarray, threshold: float = 0.95) -> float:
+    """The fraction of all pairs of views (of any images) whose z̃ have cosine above
+    `threshold`: near 0 for a healthy representation, near 1 when nearly every output
+    points one way (how this implementation collapses: docs/collapse.md).
+
+    z: [N, V, D] or [M, D]; all M(M-1)/2 pairs of its rows are counted.
+    """
+    zn = l2_normalize(_flat(z))
+    cos = (zn @ zn.T)[np.triu_indices(len(zn), 1)]
+    return float(np.mean(cos > threshold))
+
+
 def _shifted_cosines(zn: np.ndarray) -> np.ndarray:
     """cos(z_i, z_j) - max_j' cos(z_i, z_j') over j, j' != i, for all views of
     normalised zn [N, V, D]; float32 [N*V, N*V] with -inf on the diagonal.
