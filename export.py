@@ -2,9 +2,12 @@
 
     python export.py --run runs/20261128-034500 --export-dir exports/simsiam
     python export.py --run RUN --export-dir exports/simsiam --version 3 --output projection
+    python export.py --run RUN --export-dir exports/simsiam-search --normalize
 
 Loads the run's best checkpoint (by kNN; the last one if kNN never ran), writes
 EXPORT_DIR/N atomically (N defaults to the next integer) and prints the signatures.
+`--normalize` serves l2-normalised embeddings (unit length, as the kNN monitor compares
+them), for search by dot product; EXPORT_DIR/N/simsiam_export.json records it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def build_parser():
     p.add_argument("--version", type=_version, help="version number (default: the next integer)")
     p.add_argument("--output", default="features", choices=("features", "projection"),
                    help="embedding to serve: backbone features (default) or the projection z")
+    p.add_argument("--normalize", action="store_true",
+                   help="serve l2-normalised embeddings (unit length; a dot product is then the cosine)")
     p.add_argument(
         "--checkpoint",
         default="best",
@@ -55,11 +60,13 @@ def main(argv=None) -> int:
         from simsiam_tf import export
 
         config, model, source = export.load_run(args.run, args.checkpoint)
-        path = export.export_saved_model(model, config, args.export_dir, args.version, args.output, source)
+        path = export.export_saved_model(model, config, args.export_dir, args.version, args.output, source,
+                                         normalize=args.normalize)
     except UsageError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"Exported {source} ({export.checkpoint_selection(source)}, {args.output}) to {path}")
+    what = f"{args.output}, l2-normalised" if args.normalize else args.output
+    print(f"Exported {source} ({export.checkpoint_selection(source)}, {what}) to {path}")
     print("Signatures:")
     print(export.describe_signatures(path))
     return 0

@@ -12,8 +12,11 @@ Signatures:
 - `serving_pixels`: `images` (uint8 [None, H, W, 3]) -> `embedding`.
 
 `embedding` is the backbone's features by default (what SimSiam's linear evaluation
-uses), or the projection z with `output="projection"`. Only TensorFlow ops are used (no
-`py_function`), so `tensorflow_model_server` can load the result.
+uses), or the projection z with `output="projection"`; with `normalize=True` it is
+l2-normalised in the graph (unit length, so a dot product is the cosine similarity the
+kNN monitor ranks by), and `simsiam_export.json` records `"normalized"`. Only
+TensorFlow ops are used (no `py_function`), so `tensorflow_model_server` can load the
+result.
 
 Keras 3's `model.save` writes `.keras`, not SavedModel; `keras.export.ExportArchive` is
 used instead, with our own `tf.function`s (its `add_endpoint` turns autograph off).
@@ -97,16 +100,22 @@ def _load_model_weights(model: keras.Model, path: str) -> None:
         model.load_weights(path)
 
 
-def encoder_fn(model: TwoViewModel, output: str = "features"):
-    """The network whose output is served: float normalised images -> float32 [B, D]."""
+def encoder_fn(model: TwoViewModel, output: str = "features", normalize: bool = False):
+    """The network whose output is served: float normalised images -> float32 [B, D].
+
+    `normalize` divides each row by its l2 norm with `tf.math.l2_normalize`, the
+    function the kNN monitor applies to the same features (`diagnostics.knn.knn_predict`),
+    so served vectors rank neighbours exactly as training's monitor did.
+    """
     if output not in OUTPUTS:
         raise UsageError(f"--output {output!r}: choose features or projection")
 
     def encode(x):
         features = model.backbone(x, training=False)
         if output == "projection":
-            return tf.cast(model.projector(features, training=False), tf.float32)
-        return tf.cast(features, tf.float32)
+            features = model.projector(features, training=False)
+        features = tf.cast(features, tf.float32)
+        return tf.math.l2_normalize(features, axis=1) if normalize else features
 
     return encode
 
@@ -128,9 +137,9 @@ def decode_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec([side, side, 3], tf.uint8))
 
 
-def build_signatures(model: TwoViewModel, config: TrainConfig, output: str = "features"):
+def build_signatures(model: TwoViewModel, config: TrainConfig, output: str = "features", normalize: bool = False):
     """The two serving functions, traced (ExportArchive needs concrete functions)."""
-    encode = encoder_fn(model, output)
+    encode = encoder_fn(model, output, normalize)
     size = config.image_size
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -176,22 +185,24 @@ def export_saved_model(
     version: int | None = None,
     output: str = "features",
     source: str | None = None,
+    normalize: bool = False,
 ) -> str:
     """Write EXPORT_DIR/N atomically and return its path.
 
     The SavedModel is written to a hidden temporary directory beside the versions and
     renamed into place, so a server polling EXPORT_DIR never sees a half-written
-    version (TF Serving issues 631, 1086).
+    version (TF Serving issues 631, 1086). An EXPORT_DIR that cannot be created or
+    written raises UsageError before anything is traced or written.
     """
     if version is not None and version < 1:
         raise UsageError(f"--version must be a positive integer, got {version}")
-    os.makedirs(export_dir, exist_ok=True)
+    _check_writable(export_dir)
     version = version or next_version(export_dir)
     final = os.path.join(export_dir, str(version))
     if os.path.exists(final):
         raise UsageError(f"{final} already exists; choose another --version or leave it out for the next one")
 
-    serve_bytes, serve_pixels = build_signatures(model, config, output)
+    serve_bytes, serve_pixels = build_signatures(model, config, output, normalize)
     archive = keras.export.ExportArchive()
     archive.track(model.backbone)
     if output == "projection":
@@ -205,6 +216,7 @@ def export_saved_model(
         embedding_dim = int(serve_pixels.get_concrete_function().structured_outputs["embedding"].shape[-1])
         metadata = {
             "output": output,
+            "normalized": bool(normalize),
             "embedding_dim": embedding_dim,
             "image_size": config.image_size,
             "precision": config.precision,
@@ -225,6 +237,20 @@ def export_saved_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _check_writable(export_dir: str) -> None:
+    """Create EXPORT_DIR if needed and prove it writable with an empty temporary file.
+
+    `os.access` is not enough: it says yes to root on a read-only file system.
+    """
+    fix = "pass an --export-dir you can write to, or fix its permissions"
+    try:
+        os.makedirs(export_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=export_dir):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to --export-dir {export_dir!r} ({e.strerror or e}); {fix}") from None
 
 
 def describe_signatures(saved_model_dir: str) -> str:

@@ -228,3 +228,44 @@ def test_check_compat_refuses_a_directory_without_an_export(tmp_path):
                              str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "holds no saved_model.pb" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_normalized_export_serves_unit_vectors_and_records_it(run_dir, tmp_path):
+    import json
+
+    from simsiam_tf.diagnostics.metrics import l2_normalize
+
+    config, model, _ = export.load_run(run_dir)
+    plain = export.export_saved_model(model, config, str(tmp_path / "m"))
+    unit = export.export_saved_model(model, config, str(tmp_path / "m"), normalize=True)
+    for path, normalized in ((plain, False), (unit, True)):
+        with open(os.path.join(path, export.METADATA_FILE)) as f:
+            assert json.load(f)["normalized"] is normalized
+    images = _images()
+    sig = tf.saved_model.load(unit).signatures["serving_default"]
+    got = sig(image_bytes=tf.constant([_png(im) for im in images]))["embedding"].numpy()
+    features = FeatureExtractor(model.backbone, config.image_size)(images)
+    assert got.shape == features.shape and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=TOL)
+    np.testing.assert_allclose(got, l2_normalize(features), atol=TOL)
+
+
+def test_an_unwritable_export_dir_is_one_line_and_writes_nothing(run_dir, tmp_path):
+    # Tests may run as root, whom permissions do not stop: a path below a file cannot
+    # be created by anyone.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config, model, _ = export.load_run(run_dir)
+    with pytest.raises(UsageError, match=r"cannot write to --export-dir '.*a-file/models' \(Not a directory\)"):
+        export.export_saved_model(model, config, str(blocker / "models"))
+    assert os.listdir(tmp_path) == ["a-file"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    bad = subprocess.run(
+        [sys.executable, os.path.join(REPO, "export.py"), "--run", run_dir, "--export-dir", str(blocker / "models")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert [l for l in bad.stderr.splitlines() if "error:" in l] == [
+        f"export.py: error: cannot write to --export-dir {str(blocker / 'models')!r} (Not a directory); "
+        "pass an --export-dir you can write to, or fix its permissions"
+    ]
