@@ -148,9 +148,57 @@ def explicit_overrides(args) -> dict:
     return explicit
 
 
+EXIT_CODES = {"usage": 2, "diverged": 3, "out_of_memory": 4, "interrupted": 130}  # 75: simsiam_tf.data_service
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    run = {"logdir": None, "existed": True}  # filled in once known: what a Ctrl-C message names
+    try:
+        return _main(argv, run)
+    except KeyboardInterrupt:
+        return _interrupted(argv, run["logdir"], run["existed"])
+
+
+def _interrupted(argv, logdir, existed) -> int:
+    """Ctrl-C: the command that continues the run, or, with nothing saved, starts it again."""
+    import shlex
+
+    from simsiam_tf.rundir import completed_epochs, continue_command
+
+    if logdir and os.path.isfile(os.path.join(logdir, "config.json")):
+        done = completed_epochs(logdir)
+        kept = f"epoch {done} is kept" if done else "no epoch had completed (it starts again from epoch 1)"
+        print(f"\ntrain.py: interrupted; {kept}; continue with: {continue_command(logdir)}", file=sys.stderr)
+    else:
+        if logdir and not existed and os.path.isdir(logdir) and not os.listdir(logdir):
+            os.rmdir(logdir)  # made by this command and still empty: leave nothing behind
+        print(
+            "\ntrain.py: interrupted before anything was saved; start again with: "
+            + shlex.join(["python", "train.py", *argv]),
+            file=sys.stderr,
+        )
+    return EXIT_CODES["interrupted"]
+
+
+def _out_of_memory_outside_a_step(argv, logdir, error) -> str:
+    """Out of memory while loading the data or building the model (a step's own is
+    training.out_of_memory_message)."""
+    import shlex
+
+    from simsiam_tf.rundir import continue_command
+
+    what = (str(error).splitlines() or [type(error).__name__])[0][:120]
+    if logdir and os.path.isfile(os.path.join(logdir, "config.json")):
+        again = "continue with a smaller --batch-size or --image-size: " + continue_command(logdir)
+    else:
+        again = "start again with a smaller --batch-size or --image-size: " + shlex.join(["python", "train.py", *argv])
+    return f"out of memory while loading the data or building the model ({what}); use --input stream (docs/data.md), or {again}"
+
+
+def _main(argv, run) -> int:
     args = build_parser().parse_args(argv)
-    from simsiam_tf.config import TrainingDiverged, UsageError, make_config
+    from simsiam_tf.config import OutOfMemory, TrainingDiverged, UsageError, make_config
 
     explicit = explicit_overrides(args)
     try:
@@ -179,6 +227,7 @@ def main(argv=None) -> int:
                 logdir = args.logdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         from simsiam_tf.rundir import check_logdir, tf_config_is_chief
 
+        run["logdir"], run["existed"] = logdir, os.path.exists(logdir)
         if config.strategy != "multi_worker" or tf_config_is_chief():
             check_logdir(logdir, resume=resume)
         from simsiam_tf import training  # imports TensorFlow: only for a valid command
@@ -189,10 +238,15 @@ def main(argv=None) -> int:
         return 2
     except TrainingDiverged as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("\ninterrupted; continue with: python train.py --resume " + logdir, file=sys.stderr)
-        return 130
+        return EXIT_CODES["diverged"]
+    except OutOfMemory as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_CODES["out_of_memory"]
+    except Exception as e:  # TensorFlow's ResourceExhaustedError, without importing TensorFlow here
+        if not isinstance(e, MemoryError) and type(e).__name__ != "ResourceExhaustedError":
+            raise
+        print(f"train.py: error: {_out_of_memory_outside_a_step(argv, run['logdir'], e)}", file=sys.stderr)
+        return EXIT_CODES["out_of_memory"]
     return 0
 
 

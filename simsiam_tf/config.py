@@ -23,6 +23,10 @@ class TrainingDiverged(Exception):
     """The loss became NaN or infinite; training stopped, the last good checkpoint kept (exit 3)."""
 
 
+class OutOfMemory(Exception):
+    """Training ran out of memory; the message names a smaller --batch-size (exit 4)."""
+
+
 BACKBONES = ("resnet18", "resnet50")
 METHODS = ("simsiam", "simclr")
 PRECISIONS = ("float32", "bfloat16", "auto")  # auto: resolved by distribute.resolve_precision
@@ -95,6 +99,10 @@ class TrainConfig:
     diag_images: int = 256
     diag_views: int = 8
     projector_images: int = 2000
+    # What `--resume` changed (rundir.RESUMABLE_KEYS), oldest first:
+    # {"from_epoch": 51, "base_lr": {"from": 0.03, "to": 0.015}}. The fields above hold
+    # the values in force now.
+    resume_changes: tuple = ()
 
     @property
     def lr(self) -> float:
@@ -278,6 +286,7 @@ def load_config(path: str) -> TrainConfig:
     _check_keys(data)
     # Runs written before validation splits existed trained on the whole training split.
     data.setdefault("val_fraction", 0.0)
+    data["resume_changes"] = tuple(data.get("resume_changes", ()))
     config = TrainConfig(**data)
     validate(config)
     return config

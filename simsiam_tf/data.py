@@ -431,7 +431,10 @@ def tfds_builder(name: str, data_dir: str | None):
             f"tensorflow-datasets name; {OFFLINE_ALTERNATIVES}"
         )
     if not builder.is_prepared():
-        if not network_available():
+        manual = manual_download(builder)
+        if manual is not None and not manual[1]:
+            raise UsageError(manual_download_message(name, builder, manual[0]))
+        if manual is None and not network_available():
             raise UsageError(
                 f"tensorflow-datasets cannot download {name!r}: no network, and it is not "
                 f"prepared in {builder.data_dir!r}; {OFFLINE_ALTERNATIVES}"
@@ -439,11 +442,39 @@ def tfds_builder(name: str, data_dir: str | None):
         try:
             builder.download_and_prepare()
         except Exception as e:  # TFDS raises many unrelated types for a failed download
+            if manual is not None:  # files there, but not the right ones
+                raise UsageError(manual_download_message(name, builder, manual[0], e))
             raise UsageError(
                 f"tensorflow-datasets could not download {name!r} ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200]}); {OFFLINE_ALTERNATIVES}"
             )
     return builder
+
+
+def manual_download(builder) -> tuple[str, bool] | None:
+    """For a dataset whose files must be downloaded by hand (imagenet2012, ...): TFDS's
+    manual_dir, `<data_dir>/downloads/manual`, and whether anything is in it; else None."""
+    if not getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        return None
+    path = os.path.join(str(builder.data_dir_root), "downloads", "manual")
+    return path, os.path.isdir(path) and bool(os.listdir(path))
+
+
+def manual_download_message(name: str, builder, manual_dir: str, error: Exception | None = None) -> str:
+    """One line: the dataset needs a manual download, where the files go, what else works."""
+    instructions = " ".join(str(builder.MANUAL_DOWNLOAD_INSTRUCTIONS).split())
+    if len(instructions) > 300:
+        instructions = instructions[:297] + "..."
+    problem = (
+        f"preparing it from the files in {manual_dir} failed ({type(error).__name__}: "
+        f"{' '.join(str(error).split())[:160]})" if error is not None else f"{manual_dir} is missing or empty"
+    )
+    return (
+        f"tensorflow-datasets {name!r} needs a manual download and {problem}. TFDS says: {instructions} "
+        f"Put those files in {manual_dir} (TFDS's manual_dir under --data-dir) and run the same command again; "
+        f"or train on the images directly: --dataset folder:PATH (PATH/train/<class>/*.jpg), or "
+        f"python prepare.py --src PATH --out SHARDS, then --dataset tfrecord:SHARDS"
+    )
 
 
 def tfds_test_split(builder) -> str | None:

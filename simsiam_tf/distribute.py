@@ -7,7 +7,6 @@ need an uninitialised runtime.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -120,17 +119,9 @@ def make_strategy(name: str, cpu_replicas: int = 1) -> tf.distribute.Strategy:
             )
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
-        raw = os.environ.get("TF_CONFIG")
-        if not raw:
-            raise UsageError(
-                "--strategy multi_worker needs the TF_CONFIG environment variable "
-                '(e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                '"task": {"type": "worker", "index": 0}}); see docs/multi_worker.md'
-            )
-        try:
-            json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"TF_CONFIG is not valid JSON ({e})")
+        from simsiam_tf.rundir import parse_tf_config
+
+        parse_tf_config()  # one line naming what is wrong, before TensorFlow reads it
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         try:

@@ -23,8 +23,8 @@ from simsiam_tf import distribute
 from simsiam_tf import inputs
 from simsiam_tf.diagnostics import probe as diag_probe
 from simsiam_tf.diagnostics import projector
-from simsiam_tf.config import TrainConfig, TrainingDiverged, UsageError, save_config
-from simsiam_tf.rundir import LAST_DIR, check_logdir
+from simsiam_tf.config import OutOfMemory, TrainConfig, TrainingDiverged, UsageError, load_config, save_config
+from simsiam_tf.rundir import LAST_DIR, RUNTIME_KEYS, check_logdir, continue_command
 from simsiam_tf.model import build_model
 from simsiam_tf.optim import make_optimizer
 
@@ -222,8 +222,15 @@ def run(
     )
     if chief:
         os.makedirs(logdir, exist_ok=True)
+        config_path = os.path.join(logdir, "config.json")
         if not resume:
-            save_config(config, os.path.join(logdir, "config.json"))
+            save_config(config, config_path)
+        else:
+            # --resume --lr/--batch-size (rundir.resolve_resume): the run's config now.
+            # Where the input came from stays as it was recorded.
+            recorded = load_config(config_path)
+            if recorded.resume_changes != config.resume_changes:
+                save_config(config.replace(**{k: getattr(recorded, k) for k in RUNTIME_KEYS}), config_path)
     reporting, monitor = reporting_callbacks(config, logdir, training_input, steps, initial_epoch, previous, chief)
     if training_input.kind == "service":
         # Before the callbacks that record the epoch's logs (TensorBoard, summary.json).
@@ -237,8 +244,8 @@ def run(
     # summary is written, so on resume the summary is never an epoch behind it.
     backup = cb.AtomicBackupAndRestore(backup_dir, restore_dir)
     callbacks = [
-        cb.DivergenceGuard(), backup, keras.callbacks.ProgbarLogger(), *reporting, cb.SaveBackup(backup),
-        *extra_callbacks,
+        cb.DivergenceGuard(), backup, _ScheduleAtEpoch(initial_epoch, steps), keras.callbacks.ProgbarLogger(),
+        *reporting, cb.SaveBackup(backup), *extra_callbacks,
     ]
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
@@ -268,13 +275,20 @@ def run(
         )
     except tf.errors.DataLossError as e:
         raise UsageError(_damaged_data_message(training_input, e, backup_dir, logdir))
+    except (tf.errors.ResourceExhaustedError, MemoryError) as e:
+        raise OutOfMemory(out_of_memory_message(config, replicas, logdir, cb.completed_epochs(restore_dir), e))
 
     if model.diverged:
         d = model.diverged
+        done = cb.completed_epochs(restore_dir)
+        kept = (
+            f"the last good checkpoint (epoch {done}) is in {backup_dir}" if done
+            else "no epoch had completed, so it starts again from epoch 1"
+        )
         raise TrainingDiverged(
             f"training diverged: the loss became {d['loss']} at step {d['step']} (epoch {d['epoch']}) and "
-            f"training stopped; the last good checkpoint (epoch {cb.completed_epochs(backup_dir)}) is in "
-            f"{backup_dir}. Lower --lr, or check the data"
+            f"training stopped; {kept}. Continue at half the learning rate with: "
+            f"{continue_command(logdir, lr=config.base_lr / 2)} (or check the data)"
         )
     if chief and config.projector_images and training_input.has_knn_splits:
         images, labels = training_input.eval_images("test", config.projector_images).materialize()
@@ -297,6 +311,42 @@ def run(
             flush=True,
         )
     return summary
+
+
+class _ScheduleAtEpoch(keras.callbacks.Callback):
+    """After the backup is restored: the optimizer's step count at `initial_epoch` in
+    steps of this launch. The per-epoch cosine reads the epoch from that count, and a
+    `--resume --batch-size` changes the steps per epoch; otherwise this changes nothing."""
+
+    def __init__(self, initial_epoch: int, steps: int):
+        super().__init__()
+        self.step = initial_epoch * steps
+
+    def on_train_begin(self, logs=None):
+        iterations = self.model.optimizer.iterations
+        if int(iterations.numpy()) != self.step:
+            iterations.assign(self.step)
+
+
+def out_of_memory_message(config: TrainConfig, replicas: int, logdir: str, completed: int, error) -> str:
+    """One line for a step that ran out of memory: a batch that fits, and the command."""
+    per_replica = config.batch_size // replicas
+    what = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+    head = (
+        f"out of memory at global batch {config.batch_size} ({per_replica} per replica on {replicas} replica(s)) "
+        f"({what})"
+    )
+    if per_replica // 2 < 2:
+        return (
+            f"{head}; the batch is already at its smallest (BatchNorm needs 2 images per replica): start a new run "
+            f"with a smaller --image-size or --width, or on a machine with more memory"
+        )
+    smaller = (per_replica // 2) * replicas
+    kept = f"epoch {completed} is kept in {os.path.join(logdir, LAST_DIR)}" if completed else "no epoch had completed"
+    return (
+        f"{head}; {kept}. Continue with a smaller batch (the learning rate follows it, lr = base lr x batch / 256): "
+        f"{continue_command(logdir, batch_size=smaller)}, or start a new run with a smaller --image-size"
+    )
 
 
 def _damaged_data_message(training_input, error, backup_dir: str, logdir: str) -> str:
