@@ -292,6 +292,26 @@ class PooledHTTPServer(http.server.HTTPServer):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def base_path_problem(path: str) -> str | None:
+    """Why `path` cannot be a model base path, naming the fix; None when it can be.
+
+    A common slip is to pass the version directory export.py prints (exports/simsiam/1):
+    the server would then look for versions inside it, find none, and answer 404 to
+    everything. TF Serving waits silently for a first version; this server refuses to
+    start instead, so the mistake shows at once.
+    """
+    if not os.path.isdir(path):
+        return f"--model_base_path {path!r} is not a directory; pass the --export-dir export.py wrote to"
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        parent = os.path.dirname(os.path.normpath(path)) or "."
+        return (f"--model_base_path {path!r} is a version directory (it holds saved_model.pb); "
+                f"pass the directory that holds the versions 1/, 2/, ...: --model_base_path {parent}")
+    if not any(_VERSION.fullmatch(d) and os.path.isdir(os.path.join(path, d)) for d in os.listdir(path)):
+        return (f"--model_base_path {path!r} holds no version directories (1/, 2/, ..., each with saved_model.pb); "
+                "pass the --export-dir export.py wrote to, e.g. --model_base_path exports/simsiam")
+    return None
+
+
 def serve(model_name, model_base_path, port=8501, host="127.0.0.1", threads=4, poll_seconds=1.0,
           max_request_bytes=64 << 20, verbose=False):
     """Start the server; returns (server, manager). Call server.serve_forever() to run it."""
@@ -312,8 +332,9 @@ def main(argv=None) -> int:
     p.add_argument("--max_request_bytes", type=int, default=64 << 20, help="larger bodies get 413 (not a TF Serving flag)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
-    if not os.path.isdir(args.model_base_path):
-        print(f"local_server.py: error: --model_base_path {args.model_base_path!r} is not a directory", file=sys.stderr)
+    problem = base_path_problem(args.model_base_path)
+    if problem:
+        print(f"local_server.py: error: {problem}", file=sys.stderr)
         return 2
     if not 0 <= args.rest_api_port < 65536 or args.rest_api_num_threads < 1:
         print("local_server.py: error: --rest_api_port must be 0-65535 and --rest_api_num_threads >= 1", file=sys.stderr)

@@ -255,3 +255,104 @@ def test_end_to_end_cli_train_export_serve_query(tmp_path):
     config, model, _ = export.load_run(run)
     expected = FeatureExtractor(model.backbone, 32)(IMAGES[:3])
     np.testing.assert_allclose(np.array([r["embedding"] for r in result]), expected, atol=1e-5)
+
+
+def _one_error_line(done, prefix):
+    """The stderr of a command that failed cleanly: exactly one line, starting `prefix`."""
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    lines = [l for l in done.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix), done.stderr
+    return lines[0]
+
+
+def test_client_batch_size_zero_is_one_line(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(PNGS[0])
+    done = subprocess.run([sys.executable, "-m", "serving.client", "--batch-size", "0", str(image)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert _one_error_line(done, "python -m serving.client: error: ") == (
+        "python -m serving.client: error: argument --batch-size: expected a whole number of at least 1, "
+        "got '0' (see --help)")
+
+
+@pytest.fixture
+def html_server():
+    """Not TF Serving: a web page on every path, as a proxy or another service would answer."""
+    import http.server
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def _page(self):
+            if self.command == "POST":
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b"<html><body><h1>Welcome to nginx!</h1></body></html>"
+            self.send_response(404 if "missing" in self.path else 200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _page
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_a_non_json_answer_is_one_line_naming_what_came_back(html_server, tmp_path):
+    with pytest.raises(ClientError, match=r"HTTP 200 answered with text/html that is not JSON \('<html><body><h1>"
+                                          r"Welcome to nginx!.*'\); expected TF Serving's REST API at "):
+        EmbeddingClient(html_server, "simsiam", retries=0).embed(PNGS[:1])
+    with pytest.raises(ClientError, match=r"HTTP 404: Not Found; the body is not TF Serving's JSON \('<html>"):
+        EmbeddingClient(html_server, "missing", retries=0).embed(PNGS[:1])
+    image = tmp_path / "a.png"
+    image.write_bytes(PNGS[0])
+    done = subprocess.run([sys.executable, "-m", "serving.client", "--url", html_server, "--retries", "0", str(image)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    line = _one_error_line(done, "client: error: POST ")
+    assert "text/html that is not JSON" in line and f"expected TF Serving's REST API at {html_server}/v1/models/simsiam:predict" in line
+
+
+def test_a_non_http_port_is_one_line(tmp_path):
+    # What TF Serving's gRPC port (8500) does to an HTTP request: it answers something else.
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def answer_garbage():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00")  # an HTTP/2 SETTINGS frame
+            conn.close()
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(ClientError, match=r"did not answer in HTTP .*port 8501 by default, gRPC is 8500"):
+            EmbeddingClient(url, "simsiam", retries=1, backoff=0.01).embed(PNGS[:1])
+    finally:
+        listener.close()
+
+
+def test_local_server_refuses_a_version_directory_or_an_empty_base_path(exported, tmp_path):
+    version_dir = os.path.join(exported["base"], "1")
+    cmd = [sys.executable, "serving/local_server.py", "--model_name", "simsiam", "--rest_api_port", "0",
+           "--model_base_path"]
+    done = subprocess.run(cmd + [version_dir], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert _one_error_line(done, "local_server.py: error: ") == (
+        f"local_server.py: error: --model_base_path {version_dir!r} is a version directory (it holds "
+        f"saved_model.pb); pass the directory that holds the versions 1/, 2/, ...: --model_base_path {exported['base']}")
+    done = subprocess.run(cmd + [str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "holds no version directories (1/, 2/, ..., each with saved_model.pb); pass the --export-dir" in (
+        _one_error_line(done, "local_server.py: error: "))

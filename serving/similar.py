@@ -1,0 +1,262 @@
+"""Nearest neighbours among served embeddings, and a contact sheet of them.
+
+    python -m serving.client --folder photos --out photos.jsonl        # embed a folder once
+    python -m serving.similar --embeddings photos.jsonl --root photos \
+        --query cat.jpg dogs/ --k 8 --out sheet.png                     # files, folders, or names
+    python -m serving.similar --embeddings train.jsonl --queries-from test.jsonl --precision-at 10
+
+A query is a name in the embeddings file (its stored vector; the image itself is left
+out of its neighbours), an image file, or a folder of images; files and folders are
+embedded through the server (`--url`, `--model`) at the file's model version. The
+sheet has one row per query: the query, then its k nearest images with their cosine
+similarity, captioned green/red when the class of both agrees/differs (the class of a
+name is its first folder, in a `<class>/<image>` layout; a query file's is its folder's
+name when the embeddings have a class of that name).
+
+Search is exact: rows are l2-normalised, so cosine similarity is one matrix product
+per chunk of queries, and `np.argpartition` picks the top k without sorting the
+whole row. 10,000 queries against 50,000 images of 128 dimensions took 16 s on this
+project's 2-core machine, most of it in `argpartition` (the product itself, 2.5 s).
+At millions of images use FAISS (or ScaNN): their inverted-file, product-quantised and
+graph (HNSW) indices search a fraction of the collection instead of all of it
+(sub-linear time, for a small, measurable loss of recall), compress the vectors several
+times to fit in memory, and FAISS runs the same search on GPUs.
+
+`--precision-at K` measures retrieval: for every query, the fraction of its K nearest
+images whose class (first folder of the name) is the query's, averaged over queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make `serving` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from serving.client import ClientError, EmbeddingClient, find_images, read_embeddings  # noqa: E402
+from simsiam_tf.diagnostics.metrics import l2_normalize  # noqa: E402
+
+CELL = 96  # pixels of one image on the sheet (CIFAR's 32 px, enlarged 3x)
+CAPTION = 14  # pixels of caption under each image
+GAP = 4  # pixels between images and around the sheet
+
+
+def load_embeddings(path: str) -> tuple[list[str], np.ndarray, int | None]:
+    """(names, float32 [N, D] embeddings, model version) of a `serving.client --folder` file.
+
+    Without this project: `[json.loads(line) for line in open(path)]` gives the same
+    records (a half-written last line of a killed run aside).
+    """
+    records, _ = read_embeddings(path)
+    if not records:
+        raise ClientError(f"{path} holds no embeddings; write it with python -m serving.client --folder DIR --out {path}")
+    dims = {len(r["embedding"]) for r in records}
+    if len(dims) != 1:
+        raise ClientError(f"{path} mixes embeddings of {sorted(dims)} dimensions; embed the folder again into a new file")
+    versions = {r.get("model_version") for r in records}
+    names = [r["image"] for r in records]
+    matrix = np.array([r["embedding"] for r in records], np.float32)
+    return names, matrix, versions.pop() if len(versions) == 1 else None
+
+
+def top_k(queries: np.ndarray, bank: np.ndarray, k: int, exclude: np.ndarray | None = None,
+          chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine nearest neighbours: (indices int64 [Q, k], similarities float32 [Q, k]),
+    most similar first (ties: lower index first).
+
+    `queries` [Q, D] and `bank` [N, D] need not be normalised. `exclude[i]` (or -1) is a
+    bank row query i may not return, such as the query itself. Memory is chunk x N floats.
+    """
+    k = min(k, len(bank) - (exclude is not None))
+    bank = l2_normalize(bank).astype(np.float32)
+    queries = l2_normalize(queries).astype(np.float32)
+    indices, sims = [], []
+    for start in range(0, len(queries), chunk):
+        s = queries[start : start + chunk] @ bank.T
+        if exclude is not None:
+            rows = np.nonzero(exclude[start : start + chunk] >= 0)[0]
+            s[rows, exclude[start : start + chunk][rows]] = -np.inf
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        part_sims = np.take_along_axis(s, part, axis=1)
+        order = np.lexsort((part, -part_sims), axis=1)  # by similarity, then by index
+        indices.append(np.take_along_axis(part, order, axis=1))
+        sims.append(np.take_along_axis(part_sims, order, axis=1))
+    return np.concatenate(indices), np.concatenate(sims)
+
+
+def label_of(name: str) -> str | None:
+    """The class of an image named `<class>/<file>`: its first folder (None at the top)."""
+    return name.split("/", 1)[0] if "/" in name else None
+
+
+def precision_at(bank_labels: list, query_labels: list, indices: np.ndarray) -> float:
+    """Mean over queries of the fraction of their retrieved images (`indices` [Q, k]) whose
+    label is the query's."""
+    bank_labels = np.asarray(bank_labels)
+    return float(np.mean(bank_labels[indices] == np.asarray(query_labels)[:, None]))
+
+
+def contact_sheet(rows: list[tuple[str, str, list[tuple[str, str, bool | None]]]], k: int, cell: int = CELL):
+    """A PIL image: per row, the query image and up to k neighbours, captioned.
+
+    `rows` holds (query image path, caption, [(image path, caption, same class?), ...]).
+    Size: width GAP + (k + 1) * (cell + GAP), height GAP + len(rows) * (cell + CAPTION + GAP).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    sheet = Image.new("RGB", (GAP + (k + 1) * (cell + GAP), GAP + len(rows) * (cell + CAPTION + GAP)), "white")
+    draw = ImageDraw.Draw(sheet)
+    colour = {True: (0, 130, 0), False: (200, 0, 0), None: (0, 0, 0)}
+    for r, (query, caption, neighbours) in enumerate(rows):
+        y = GAP + r * (cell + CAPTION + GAP)
+        for c, (path, text, same) in enumerate([(query, caption, None)] + neighbours[:k]):
+            x = GAP + c * (cell + GAP)
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                image.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+                if max(image.size) < cell:  # small images (CIFAR's 32 px): enlarge, keep the pixels sharp
+                    scale = cell / max(image.size)
+                    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                    image = image.resize(size, Image.Resampling.NEAREST)
+            sheet.paste(image, (x + (cell - image.width) // 2, y + (cell - image.height) // 2))
+            if c == 0:
+                draw.rectangle([x - 2, y - 2, x + cell + 1, y + cell + 1], outline=(0, 0, 200), width=2)
+            draw.text((x + 1, y + cell + 1), text[: cell // 6], fill=colour[same], font=font)
+    return sheet
+
+
+def _queries(args, names, matrix, version):
+    """(query names, vectors [Q, D], bank row to exclude per query or -1, image paths)."""
+    index = {n: i for i, n in enumerate(names)}
+    q_names, vectors, exclude, paths, to_embed = [], [], [], [], []
+    for query in args.query:
+        if query in index:
+            q_names.append(query)
+            vectors.append(matrix[index[query]])
+            exclude.append(index[query])
+            paths.append(os.path.join(args.root, query) if args.root else query)
+        elif os.path.isfile(query) or os.path.isdir(query):
+            files = [query] if os.path.isfile(query) else [os.path.join(query, f) for f in find_images(query)]
+            for path in files:
+                q_names.append(path)
+                vectors.append(None)
+                exclude.append(-1)
+                paths.append(path)
+                to_embed.append(len(vectors) - 1)
+        else:
+            raise ClientError(f"--query {query!r} is not a name in {args.embeddings}, nor an image file or folder")
+    if to_embed:
+        client = EmbeddingClient(args.url, args.model, version=version)
+        images = []
+        for i in to_embed:
+            with open(paths[i], "rb") as f:
+                images.append(f.read())
+        try:
+            embedded = client.embed(images)
+        except ClientError as e:
+            if e.index is not None:
+                raise ClientError(f"{paths[to_embed[e.index]]}: {e}") from None
+            raise
+        for i, vector in zip(to_embed, embedded):
+            vectors[i] = np.asarray(vector, np.float32)
+    return q_names, np.stack(vectors), np.array(exclude), paths
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _at_least_1(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def build_parser():
+    p = _Parser(prog="python -m serving.similar", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--embeddings", required=True, help="JSON-lines file of python -m serving.client --folder")
+    p.add_argument("--root", help="the --folder the embeddings' names are relative to (for the sheet's images)")
+    p.add_argument("--query", nargs="+", default=[], help="names in --embeddings, image files or folders")
+    p.add_argument("--k", type=_at_least_1, default=8, help="neighbours per query (default 8)")
+    p.add_argument("--out", help="contact sheet PNG to write (default: print the neighbours only)")
+    p.add_argument("--url", default="http://localhost:8501", help="server root, to embed query files")
+    p.add_argument("--model", default="simsiam", help="served model name")
+    p.add_argument("--queries-from", help="with --precision-at: every record of this embeddings file is a query")
+    p.add_argument("--precision-at", type=_at_least_1, metavar="K",
+                   help="print precision@K of the queries, classes from the names' first folders")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if bool(args.query) == bool(args.queries_from):
+        p.error("give --query ... or --queries-from FILE (one of them)")
+    if args.queries_from and not args.precision_at:
+        p.error("--queries-from goes with --precision-at K")
+    try:
+        names, matrix, version = load_embeddings(args.embeddings)
+        if args.queries_from:
+            q_names, queries, q_version = load_embeddings(args.queries_from)
+            if q_version != version:
+                raise ClientError(f"{args.queries_from} (model version {q_version}) and {args.embeddings} "
+                                  f"(version {version}) come from different models; embed both with one version")
+            exclude, paths = None, None
+        else:
+            q_names, queries, exclude, paths = _queries(args, names, matrix, version)
+    except ClientError as e:
+        print(f"similar: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"similar: error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    k = args.precision_at or args.k
+    started = time.monotonic()
+    indices, sims = top_k(queries, matrix, k, exclude)
+    seconds = time.monotonic() - started
+    if args.precision_at:
+        labels = [label_of(n) for n in names]
+        q_labels = [label_of(n) for n in q_names]
+        if None in labels or None in q_labels:
+            print("similar: error: --precision-at needs names of the form <class>/<image> in both files", file=sys.stderr)
+            return 2
+        print(f"precision@{k}: {precision_at(labels, q_labels, indices):.4f} "
+              f"({len(q_names)} queries against {len(names)} images, exact cosine search in {seconds:.2f} s)")
+        return 0
+    rows = []
+    classes = {label_of(n) for n in names} - {None}
+    for name, path, idx, sim in zip(q_names, paths, indices, sims):
+        print(name + ": " + ", ".join(f"{names[j]} ({s:.3f})" for j, s in zip(idx, sim)))
+        # A query file in a folder named like one of the bank's classes is of that class.
+        parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        label = label_of(name) if name in names else (parent if parent in classes else None)
+        neighbours = [
+            (os.path.join(args.root or "", names[j]), f"{s:.3f} {label_of(names[j]) or ''}".strip(),
+             None if label is None or label_of(names[j]) is None else label_of(names[j]) == label)
+            for j, s in zip(idx, sim)
+        ]
+        rows.append((path, "query " + (label or os.path.basename(name)), neighbours))
+    if args.out:
+        try:
+            contact_sheet(rows, k).save(args.out)
+        except OSError as e:
+            print(f"similar: error: cannot make {args.out}: {e}; pass --root, the folder the names are relative to",
+                  file=sys.stderr)
+            return 1
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
