@@ -229,8 +229,8 @@ class CollapseWarning(keras.callbacks.Callback):
     """One warning when the training z_std stays far below 1/sqrt(d): collapse.
 
     The threshold comes from the measured runs (docs/collapse.md, docs/contrastive.md):
-    healthy SimSiam and SimCLR runs keep the training batches' z_std at 0.98-1.0 of
-    1/sqrt(d) from the first epoch; runs without the stop-gradient fall to 0.20-0.47 of
+    healthy SimSiam and SimCLR runs keep the training batches' z_std at 0.97-1.0 of
+    1/sqrt(d) from the first epoch; runs without the stop-gradient fall to 0.20-0.55 of
     it and stay there. Below `fraction` = 0.6 of 1/sqrt(d) for `patience` epochs in a
     row, it prints one line and writes it to TensorBoard as text (warnings/collapse).
     """

@@ -65,14 +65,14 @@ def _parallel_pairs(run_dir):
 
 
 def test_without_stop_gradient_the_representation_collapses(runs):
-    # Thresholds sit between the two regimes, with room for the run-to-run spread of
-    # CPU kernels: collapsed runs with seeds 0-5 measured loss -0.87..-0.96, training
-    # z_std 0.29-0.47 of 1/sqrt(d), effective rank 2.1-4.8, shard ratio 0.81-0.88,
-    # parallel pairs 85-96%; stop-gradient runs sit near 1.0, 54-68, 0.6-0.71 and 0%.
-    # On another CPU (CI, an Intel Xeon with AMX) seed 0 collapsed to effective rank 5.7
-    # and shard ratio 0.763 against 0.608 with the stop-gradient, so the shard-ratio
-    # bound sits just above the stop-gradient range and is also checked against the
-    # paired run.
+    # Thresholds sit between the two regimes, with room for the spread over seeds and
+    # CPU kernels: `python benchmarks/collapse_seeds.py` (this recipe, seeds 0-5)
+    # measured collapsed runs at loss -0.95..-0.83, training z_std 0.30-0.55 of
+    # 1/sqrt(d), effective rank 1.7-5.3, shard ratio 0.77-0.86 and 53-98% parallel
+    # pairs; stop-gradient runs at -0.35..-0.29, 0.97-0.99, 51-71, 0.62-0.68 and
+    # 0-0.2%. On another CPU (CI, an Intel Xeon with AMX) seed 0 collapsed to effective
+    # rank 5.7 and shard ratio 0.763 against 0.608 with the stop-gradient, so the
+    # shard-ratio bound is also checked against the paired run.
     # The probe-set z_std is not asserted: in inference mode it jumps between ~0 and
     # 1/sqrt(d) from epoch to epoch (docs/collapse.md), so only the training batches'
     # z_std is a steady signal.
@@ -84,13 +84,13 @@ def test_without_stop_gradient_the_representation_collapses(runs):
     # What variation is left does not tell images apart: 1 - 1/8 = 0.875 means none.
     assert diag["shard_ratio"] > 0.72
     assert diag["shard_ratio"] > runs[True][2]["shard_ratio"] + 0.08
-    assert _parallel_pairs(path) > 0.75
+    assert _parallel_pairs(path) > 0.4
 
 
 def test_with_stop_gradient_the_same_recipe_does_not(runs):
-    # Stop-gradient runs with seeds 0-5 (seed 0 twice) measured z_std 0.95-0.99 of
-    # 1/sqrt(d) (probe and training), effective rank 54-68, shard ratio 0.60-0.71
-    # (0.61 for seed 0, which this test uses) and under 0.1% parallel pairs.
+    # Stop-gradient runs with seeds 0-5 (benchmarks/collapse_seeds.py) measured training
+    # z_std 0.97-0.99 of 1/sqrt(d), effective rank 51-71, shard ratio 0.62-0.68 and at
+    # most 0.2% parallel pairs.
     path, summary, diag = runs[True]
     reference = diag["z_std_reference"]
     assert diag["z_std"] > 0.8 * reference and summary["z_std"] > 0.8 * reference
