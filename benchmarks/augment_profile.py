@@ -12,14 +12,13 @@ views, so they add up to what one core spends on a view.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, photo_folder, report  # noqa: E402
+from common import CIFAR, Parser, photo_folder, report  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -61,7 +60,7 @@ def crops_ms(count: int, batches: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     args = p.parse_args(argv)
     if not os.path.isdir(CIFAR):

@@ -6,6 +6,7 @@ docs can be traced to a command and re-measured.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,6 +20,61 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import simsiam_tf  # noqa: E402,F401  (before tensorflow: switches on oneDNN, see simsiam_tf/__init__.py)
+
+
+class Parser(argparse.ArgumentParser):
+    """The benchmarks' argument parser: a bad argument is one line, `prog: error: ...`,
+    and exit code 2 (argparse's own prints the usage first). Each script parses before
+    it measures anything, and the ones that import TensorFlow lazily fail in a blink."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (batch sizes, steps, counts)."""
+    return _whole(text, 1)
+
+
+def batch_size(text: str) -> int:
+    """argparse type: a batch of at least 2 (BatchNorm needs two images)."""
+    return _whole(text, 2)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (0 = off or the default)."""
+    return _whole(text, 0)
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def existing_dir(text: str) -> str:
+    """argparse type: a directory that exists."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory" if os.path.exists(text) else f"{text!r} does not exist")
+    return text
 
 
 def machine() -> dict:

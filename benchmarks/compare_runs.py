@@ -15,7 +15,6 @@ by more than the runs within a group do; a large p says the data cannot tell the
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -25,7 +24,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import report  # noqa: E402
+from common import Parser, existing_dir, report  # noqa: E402
 
 METRICS = (("knn", "kNN top-1"), ("linear_probe", "linear probe top-1"))
 DIAGNOSTICS = (
@@ -112,9 +111,9 @@ def compare(a_runs: list[dict], b_runs: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--a", nargs="+", required=True, metavar="RUN", help="run directories of the first group")
-    p.add_argument("--b", nargs="+", required=True, metavar="RUN", help="run directories of the second group")
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--a", nargs="+", required=True, type=existing_dir, metavar="RUN", help="run directories of the first group")
+    p.add_argument("--b", nargs="+", required=True, type=existing_dir, metavar="RUN", help="run directories of the second group")
     args = p.parse_args(argv)
     a_runs = [read_run(r) for r in args.a]
     b_runs = [read_run(r) for r in args.b]

@@ -25,7 +25,6 @@ cluster is what a GPU host still pays when all augmentation runs elsewhere.
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import subprocess
@@ -34,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import photo_folder, report  # noqa: E402
+from common import Parser, batch_size, photo_folder, positive_int, report  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
@@ -78,13 +77,13 @@ def _workers(port: int, count: int) -> list[subprocess.Popen]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--photos", type=int, help="default 2,048 (--quick: 256)")
-    p.add_argument("--batches", type=int, help="measured batches per way (default 24, --quick: 4)")
-    p.add_argument("--rounds", type=int, help="default 2 (--quick: 1)")
-    p.add_argument("--batch", type=int, default=BATCH)
-    p.add_argument("--size", type=int, default=SIZE, help="training image size (default 224)")
+    p.add_argument("--photos", type=positive_int, help="default 2,048 (--quick: 256)")
+    p.add_argument("--batches", type=positive_int, help="measured batches per way (default 24, --quick: 4)")
+    p.add_argument("--rounds", type=positive_int, help="default 2 (--quick: 1)")
+    p.add_argument("--batch", type=batch_size, default=BATCH)
+    p.add_argument("--size", type=positive_int, default=SIZE, help="training image size (default 224)")
     args = p.parse_args(argv)
     quick = dict(photos=256, batches=4, rounds=1) if args.quick else dict(photos=2048, batches=24, rounds=2)
     for key, value in quick.items():

@@ -16,14 +16,13 @@ constant-batch steps do not need: 1 - t_constant / t_real.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, photo_folder, report  # noqa: E402
+from common import CIFAR, Parser, batch_size, nonnegative_int, photo_folder, positive_int, report  # noqa: E402
 from step_clock import StepClock, rss_mb  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -34,18 +33,18 @@ from simsiam_tf.config import make_config  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--precision", default="float32")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10, help="steps per epoch")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--steps", type=positive_int, default=10, help="steps per epoch")
+    p.add_argument("--batch", type=batch_size, default=256)
+    p.add_argument("--width", type=positive_int, default=64)
     p.add_argument("--backbone", default="resnet18", choices=("resnet18", "resnet50"),
                    help="resnet18 is the CIFAR variant (no downsampling stem: far too costly at 224 px)")
     p.add_argument("--input", default="memory", choices=("memory", "stream"))
     p.add_argument("--augment-on", default="host", choices=("host", "device"))
-    p.add_argument("--photos", type=int, default=0,
+    p.add_argument("--photos", type=nonnegative_int, default=0,
                    help="train at 224 px on N CIFAR-10 images upscaled to 500 x 375 photos, streamed")
     args = p.parse_args(argv)
     if args.quick:

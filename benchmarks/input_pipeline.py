@@ -29,13 +29,12 @@ Per-core figures divide by the machine's cores, which tf.data uses in parallel.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, photo_folder, report  # noqa: E402
+from common import CIFAR, Parser, batch_size, nonnegative_float, nonnegative_int, photo_folder, report  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -133,12 +132,12 @@ def photo_pipelines(count: int, grain: float = 0.0):
 
 def main(argv=None) -> int:
     global BATCH
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer batches, 32 and 96 px only, 256 photos")
     p.add_argument("--sizes", default=None, help='comma-separated sizes (default 32,96,224; "" for photos only)')
-    p.add_argument("--photos", type=int, default=None, help="photos for the 224 px inputs (default 2048; 0: skip)")
-    p.add_argument("--grain", type=float, default=0.0, help="noise std added to the photos (bigger JPEGs)")
-    p.add_argument("--batch", type=int, default=BATCH, help=f"pairs per batch (default {BATCH})")
+    p.add_argument("--photos", type=nonnegative_int, default=None, help="photos for the 224 px inputs (default 2048; 0: skip)")
+    p.add_argument("--grain", type=nonnegative_float, default=0.0, help="noise std added to the photos (bigger JPEGs)")
+    p.add_argument("--batch", type=batch_size, default=BATCH, help=f"pairs per batch (default {BATCH})")
     args = p.parse_args(argv)
     if not os.path.isdir(CIFAR):
         print(f"input_pipeline.py: error: CIFAR-10 folder not found at {CIFAR}", file=sys.stderr)

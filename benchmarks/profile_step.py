@@ -32,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, machine  # noqa: E402
+from common import CIFAR, Parser, batch_size, machine, nonnegative_int, positive_int  # noqa: E402
 from train_step import PEER, torch_python  # noqa: E402
 
 
@@ -145,15 +145,15 @@ def _print(title: str, rows: list[dict], key: str, count: str, limit: int = 20) 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=2)
+    p = Parser(description=__doc__)
+    p.add_argument("--batch", type=batch_size, default=64)
+    p.add_argument("--width", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=2)
+    p.add_argument("--warmup", type=nonnegative_int, default=2)
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--onednn", action="store_true", help="oneDNN's log instead of the TF profiler")
     p.add_argument("--torch", action="store_true", help="with --onednn: also the PyTorch reference's log")
-    p.add_argument("--inter-op", type=int, default=1,
+    p.add_argument("--inter-op", type=nonnegative_int, default=1,
                    help="with --onednn: TensorFlow's inter-op threads (default 1: one op at a time, as PyTorch "
                         "runs; with 2, two primitives share the cores and each one's logged time doubles; "
                         "0: TensorFlow's default)")

@@ -13,7 +13,6 @@ Prints a table and one JSON line. The weights do not matter for speed, so withou
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -29,6 +28,8 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Parser, existing_dir, positive_int  # noqa: E402
 
 
 def _export_untrained(preset: str, width: int | None, directory: str) -> str:
@@ -65,16 +66,16 @@ def _percentile(values, q):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-base-path", help="an export directory holding 1/, 2/, ...")
+    p = Parser(description=__doc__)
+    p.add_argument("--model-base-path", type=existing_dir, help="an export directory holding 1/, 2/, ...")
     p.add_argument("--preset", default="cifar", help="preset of the untrained encoder to export (default cifar)")
-    p.add_argument("--width", type=int, help="override the preset's backbone width")
-    p.add_argument("--image-size", type=int, default=32, help="size of the PNGs sent")
-    p.add_argument("--single", type=int, default=200, help="sequential single-image requests")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--batched-requests", type=int, default=80, help="batch requests in the throughput phase")
-    p.add_argument("--threads", type=int, default=8, help="server --rest_api_num_threads")
+    p.add_argument("--width", type=positive_int, help="override the preset's backbone width")
+    p.add_argument("--image-size", type=positive_int, default=32, help="size of the PNGs sent")
+    p.add_argument("--single", type=positive_int, default=200, help="sequential single-image requests")
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--concurrency", type=positive_int, default=8)
+    p.add_argument("--batched-requests", type=positive_int, default=80, help="batch requests in the throughput phase")
+    p.add_argument("--threads", type=positive_int, default=8, help="server --rest_api_num_threads")
     p.add_argument("--quick", action="store_true", help="50 single and 16 batch requests")
     args = p.parse_args(argv)
     if args.quick:

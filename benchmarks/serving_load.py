@@ -13,7 +13,6 @@ images, never an error or a mixture. The server's RSS is sampled throughout.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -32,6 +31,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Parser, positive_int  # noqa: E402
 
 BATCH_SIZES = (1, 4, 16, 32)
 
@@ -185,10 +186,10 @@ def run_load(requests=2000, concurrency=8, width=8, seed=0, poll=0.2):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--width", type=int, default=8, help="backbone width of the served model")
+    p = Parser(description=__doc__)
+    p.add_argument("--requests", type=positive_int, default=2000)
+    p.add_argument("--concurrency", type=positive_int, default=8)
+    p.add_argument("--width", type=positive_int, default=8, help="backbone width of the served model")
     p.add_argument("--quick", action="store_true", help="400 requests")
     args = p.parse_args(argv)
     result = run_load(400 if args.quick else args.requests, args.concurrency, args.width)

@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, current_rss_mb, peak_rss_mb, photo_folder, report  # noqa: E402
+from common import CIFAR, Parser, batch_size, current_rss_mb, peak_rss_mb, photo_folder, positive_int, report  # noqa: E402
 
 from simsiam_tf import augment as aug  # noqa: E402
 from simsiam_tf import records, stream  # noqa: E402
@@ -39,11 +39,11 @@ def prepare(images: int, source: str) -> tuple[str, str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=50_000, help="training images (default: all 50,000)")
+    p = Parser(description=__doc__)
+    p.add_argument("--images", type=positive_int, default=50_000, help="training images (default: all 50,000)")
     p.add_argument("--source", default="folder", choices=("folder", "tfrecord"))
     p.add_argument("--augment-on", default="host", choices=("host", "device"))
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=batch_size, default=256)
     p.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not os.path.isdir(CIFAR):

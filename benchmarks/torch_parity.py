@@ -770,7 +770,10 @@ def summary(result: dict) -> list[dict]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import Parser  # noqa: E402  (no TensorFlow: the torch half imports it too)
+
+    p = Parser(description=__doc__)
 
     def positive(text):
         try:

@@ -33,14 +33,13 @@ both are the steady step time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, REPO, median_seconds, report  # noqa: E402
+from common import CIFAR, REPO, Parser, batch_size, median_seconds, positive_int, report  # noqa: E402
 from step_clock import StepClock  # noqa: E402
 
 import keras  # noqa: E402
@@ -124,15 +123,15 @@ def torch_python() -> tuple[str | None, str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="batch 64, 2 timed steps")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--width", type=int, default=64, help="backbone width (64 = ResNet-18)")
+    p.add_argument("--batch", type=batch_size, default=256)
+    p.add_argument("--steps", type=positive_int, default=4)
+    p.add_argument("--width", type=positive_int, default=64, help="backbone width (64 = ResNet-18)")
     p.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="both")
     p.add_argument("--xla", choices=("off", "on", "both"), default="both")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch reference and print the ratio")
-    p.add_argument("--rounds", type=int, default=1, help="repeat everything, alternating frameworks")
+    p.add_argument("--rounds", type=positive_int, default=1, help="repeat everything, alternating frameworks")
     args = p.parse_args(argv)
     if min(args.batch, args.steps, args.width, args.rounds) < 1:
         p.error("--batch, --steps, --width and --rounds must be at least 1")

@@ -152,3 +152,41 @@ def test_compare_runs_names_the_missing_evaluation(tmp_path, python):
     )
     assert result.returncode != 0
     assert f"python evaluate.py --run {run} --checkpoint last" in result.stderr
+
+
+BAD_ARGUMENTS = [
+    ("train_step.py", ["--batch", "0"], "argument --batch: expected a whole number >= 2, got 0"),
+    ("stream_epoch.py", ["--images", "-5"], "argument --images: expected a whole number >= 1, got -5"),
+    ("input_pipeline.py", ["--photos", "-3"], "argument --photos: expected a whole number >= 0, got -3"),
+    ("compare_runs.py", ["--a", "/nonexistent/run", "--b", "/nonexistent/run"], "argument --a: '/nonexistent/run' does not exist"),
+    ("serving_latency.py", ["--model-base-path", "/nonexistent/exports"], "argument --model-base-path: '/nonexistent/exports' does not exist"),
+    ("serving_load.py", ["--requests", "0"], "argument --requests: expected a whole number >= 1, got 0"),
+    ("torch_parity.py", ["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    ("end_to_end.py", ["--epochs", "two"], "argument --epochs: expected a whole number, got 'two'"),
+]
+
+
+def test_bad_benchmark_arguments_are_one_line_and_exit_2(python):
+    # A representative set (the rest share benchmarks/common.Parser and its types).
+    for script, args, message in BAD_ARGUMENTS:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        result = subprocess.run([python, os.path.join(REPO, "benchmarks", script), *args],
+                                capture_output=True, text=True, env=env, timeout=120)
+        lines = [l for l in result.stderr.splitlines() if "error:" in l]
+        assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, (script, result.stderr)
+        assert lines[0].startswith(f"{script}: error: {message}"), lines[0]
+        assert result.stdout == "", script
+
+
+SHARED_PARSER = (
+    "augment_profile.py", "compare_runs.py", "data_service.py", "end_to_end.py", "input_pipeline.py",
+    "profile_step.py", "serving_latency.py", "serving_load.py", "stream_epoch.py", "torch_parity.py", "train_step.py",
+)
+
+
+def test_benchmarks_parse_with_the_shared_parser():
+    folder = os.path.join(REPO, "benchmarks")
+    for name in SHARED_PARSER:
+        text = open(os.path.join(folder, name)).read()
+        assert "argparse.ArgumentParser(" not in text, f"{name}: use common.Parser (one-line errors, exit 2)"
+        assert "type=int" not in text or name == "torch_parity.py", f"{name}: use common's checked types"
