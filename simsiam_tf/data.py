@@ -98,7 +98,7 @@ def load(
     elif dataset.startswith("folder:"):
         data = load_folder(dataset[len("folder:"):], image_size, memory_fraction, train_limit, val_fraction)
     else:
-        data = load_tfds(dataset, image_size, data_dir, memory_fraction, val_fraction)
+        data = load_tfds(dataset, image_size, data_dir, memory_fraction, val_fraction, train_limit)
     if train_limit and train_limit < len(data.train_images) and not dataset.startswith("folder:"):
         keep = subset(len(data.train_images), train_limit)
         data.train_images = data.train_images[keep]
@@ -491,22 +491,43 @@ def tfds_val_split(builder) -> str | None:
 
 
 def load_tfds(
-    name: str, image_size: int, data_dir: str | None, memory_fraction: float = 0.5, val_fraction: float = 0.0
+    name: str,
+    image_size: int,
+    data_dir: str | None,
+    memory_fraction: float = 0.5,
+    val_fraction: float = 0.0,
+    train_limit: int = 0,
 ) -> ImageData:
     """Load a tensorflow-datasets image classification dataset ("train" and "test" splits,
-    and with `val_fraction` its "validation" split where it has one beside "test")."""
+    and with `val_fraction` its "validation" split where it has one beside "test").
+
+    With `train_limit`, only the fixed subset `subset` keeps of the "train" split is
+    decoded, and only it counts against `memory_fraction` (with the test and validation
+    splits), so a limit makes a large dataset fit.
+    """
     builder = tfds_builder(name, data_dir)
     supervised = builder.info.supervised_keys is not None
     label_feature = builder.info.features["label"] if "label" in builder.info.features else None
     class_names = list(label_feature.names) if label_feature is not None else []
 
     test_split = tfds_test_split(builder)
-    counts = [builder.info.splits[s].num_examples for s in builder.info.splits.keys()]
-    if counts:
-        _check_memory(sum(counts), image_size, memory_fraction, f"tensorflow-datasets {name!r}")
+    val_split = tfds_val_split(builder) if val_fraction and supervised else None
+    splits = builder.info.splits
+    keep = None  # train indices to hold; None: all, or unknown (no split metadata, tfds.testing.mock_data)
+    if "train" in splits:
+        num_train = splits["train"].num_examples
+        keep = subset(num_train, train_limit) if train_limit and train_limit < num_train else None
+        count = num_train if keep is None else len(keep)
+        count += sum(splits[s].num_examples for s in (test_split, val_split) if s)
+        _check_memory(count, image_size, memory_fraction, f"tensorflow-datasets {name!r}")
 
-    def materialise(split):
+    def materialise(split, keep=None):
         ds = builder.as_dataset(split=split, as_supervised=supervised)
+        if keep is not None:  # the subset `load` would take afterwards, without decoding the rest
+            wanted = np.zeros(splits[split].num_examples, bool)
+            wanted[keep] = True
+            wanted = tf.constant(wanted)
+            ds = ds.enumerate().filter(lambda i, example: wanted[i]).map(lambda i, example: example)
         if not supervised:
             ds = ds.map(lambda ex: (ex["image"], tf.constant(-1, tf.int64)))
         ds = ds.map(
@@ -519,9 +540,8 @@ def load_tfds(
             ys.append(y.numpy())
         return np.concatenate(xs), np.concatenate(ys)
 
-    x_train, y_train = materialise("train")
+    x_train, y_train = materialise("train", keep)
     x_test, y_test = materialise(test_split) if test_split else (None, None)
-    val_split = tfds_val_split(builder) if val_fraction and supervised else None
     x_val, y_val = materialise(val_split) if val_split else (None, None)
     if not supervised:
         y_train = y_test = None

@@ -172,3 +172,20 @@ def test_worker_shards_reproduce_the_global_batch_exactly():
         for view in range(2):
             assert all(s[step][view].shape[0] == 4 for s in shards)
             np.testing.assert_allclose(np.concatenate([s[step][view] for s in shards]), whole[view], atol=1e-6)
+
+
+def test_tfds_train_limit_applies_before_the_memory_check(tmp_path, monkeypatch):
+    """The memory check counts the limited train split plus test (and validation), not
+    every split; the limited images are the subset `subset` takes of the full split."""
+    import tfds_tiny
+
+    tfds_tiny.prepare(tmp_path, num_train=64, num_test=16, shards=2)
+    full = data_lib.load("tiny_images", 32, str(tmp_path))
+    monkeypatch.setattr(data_lib, "memory_total", lambda: 2 * 40 * 32 * 32 * 3)  # half holds 40 images
+    with pytest.raises(UsageError, match="80 images at 32 px"):
+        data_lib.load("tiny_images", 32, str(tmp_path))
+    limited = data_lib.load("tiny_images", 32, str(tmp_path), train_limit=20)  # 20 + 16 test images fit
+    keep = data_lib.subset(64, 20)
+    np.testing.assert_array_equal(limited.train_images, full.train_images[keep])
+    np.testing.assert_array_equal(limited.train_labels, full.train_labels[keep])
+    np.testing.assert_array_equal(limited.test_images, full.test_images)
