@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or a tensorflow-datasets name such as cifar10",
     )
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
-    p.add_argument("--preset", help="digits, cifar or imagenet (default: chosen from --dataset)")
+    p.add_argument(
+        "--preset",
+        help="digits, cifar or imagenet (default: chosen from --dataset; a folder's images, or --image-size, "
+        "of at most 64 px get cifar, larger imagenet; printed)",
+    )
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int, help="global batch, split across replicas")
     p.add_argument("--lr", type=_number, help="base learning rate; the rate used is lr * batch-size / 256")
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_number, help="with --method simclr: NT-Xent's temperature (default 0.5)")
     p.add_argument("--backbone", help="resnet18 (CIFAR variant) or resnet50")
     p.add_argument("--width", type=_positive_int, help="channels of the backbone's first stage (64 in the paper)")
-    p.add_argument("--image-size", type=_positive_int)
+    p.add_argument("--image-size", type=_positive_int, help="training size in px (the preset's by default)")
     p.add_argument(
         "--proj-dim",
         type=_positive_int,
@@ -222,7 +226,13 @@ def _main(argv, run) -> int:
             config = resolve_resume(logdir, explicit)
         else:
             explicit.setdefault("precision", "auto")
-            config = make_config(args.preset, **explicit)
+            preset = args.preset
+            if preset is None:  # from what the images are; a resumed run keeps its saved one
+                from simsiam_tf.config import choose_preset
+
+                preset, why = choose_preset(explicit.get("dataset") or "digits", explicit.get("image_size"))
+                print(f"preset: {preset} ({why})", flush=True)
+            config = make_config(preset, **explicit)
             if not args.resume:
                 logdir = args.logdir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         from simsiam_tf.rundir import check_logdir, tf_config_is_chief

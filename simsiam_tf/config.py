@@ -181,13 +181,55 @@ SIMCLR_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def default_preset(dataset: str) -> str:
-    """The preset a dataset gets when `--preset` is not given."""
+# Images whose shorter side is at most this many pixels (a folder's median, or an
+# explicit --image-size) get the cifar preset: its ResNet-18 has a stride-1 stem made
+# for 32 px inputs. Larger ones get the imagenet preset, whose ResNet-50 reduces by 4
+# in its stem and is made for 224 px; at 32 px it would end on a 1 x 1 map.
+SMALL_IMAGE_SIDE = 64
+
+
+def choose_preset(dataset: str, image_size: int | None = None) -> tuple[str, str]:
+    """The preset `dataset` gets when `--preset` is not given, and why (one line).
+
+    `digits` gets digits, `imagenet*` imagenet, other tensorflow-datasets names cifar.
+    `folder:PATH` and `tfrecord:GLOB` get cifar when `image_size` (an explicit
+    --image-size) is at most SMALL_IMAGE_SIDE and imagenet when larger. Without it, a
+    folder is judged by the median shorter side of up to 200 of its images, read from
+    their headers (`image_sizes.median_size`); TFRecord shards get cifar, since their
+    sizes are only in the records themselves (prepare.py's index.json has none).
+    """
+    small = f"≤ {SMALL_IMAGE_SIDE} px"
     if dataset == "digits":
-        return "digits"
+        return "digits", "--dataset digits, the bundled offline default"
     if dataset.startswith("imagenet"):
-        return "imagenet"
-    return "cifar"
+        return "imagenet", f"--dataset {dataset}: the paper's ImageNet recipe"
+    local = dataset.startswith(("folder:", "tfrecord:"))
+    if local and image_size is not None:
+        if image_size <= SMALL_IMAGE_SIDE:
+            return "cifar", f"--image-size {image_size} {small}: the CIFAR ResNet-18 recipe; --preset overrides"
+        return "imagenet", f"--image-size {image_size} > {SMALL_IMAGE_SIDE} px: the ResNet-50 recipe; --preset overrides"
+    if dataset.startswith("folder:"):
+        from simsiam_tf.image_sizes import median_size
+
+        found = median_size(dataset[len("folder:"):])
+        if found is None:
+            return "cifar", f"{dataset}: no image size could be read"
+        preset = "cifar" if found.shorter <= SMALL_IMAGE_SIDE else "imagenet"
+        return preset, (
+            f"{dataset}: median image {found.width}x{found.height} px over {found.read} sampled files; "
+            f"images with a shorter side {small} get cifar at 32 px, larger imagenet at 224 px; --preset/--image-size override"
+        )
+    if dataset.startswith("tfrecord:"):
+        return "cifar", (
+            f"{dataset}: the shards' image sizes are only inside their records; for photos give --image-size 224 "
+            "or --preset imagenet"
+        )
+    return "cifar", f"--dataset {dataset}: named datasets other than digits and imagenet* get cifar; --preset overrides"
+
+
+def default_preset(dataset: str, image_size: int | None = None) -> str:
+    """The preset a dataset gets when `--preset` is not given (`choose_preset`)."""
+    return choose_preset(dataset, image_size)[0]
 
 
 def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
@@ -197,7 +239,7 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
         UsageError: unknown preset or key, or a value out of range.
     """
     dataset = overrides.get("dataset") or "digits"
-    preset = preset or default_preset(dataset)
+    preset = preset or default_preset(dataset, overrides.get("image_size"))
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     _check_keys(overrides)

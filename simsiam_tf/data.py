@@ -21,8 +21,7 @@ import tensorflow as tf
 
 from simsiam_tf import augment as aug
 from simsiam_tf.config import UsageError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+from simsiam_tf.image_sizes import IMAGE_EXTENSIONS  # one list, for training and for choosing the preset
 OFFLINE_ALTERNATIVES = (
     "offline alternatives: --dataset digits (bundled with scikit-learn), "
     "--dataset folder:PATH (PATH/train/<class>/*.jpg), "

@@ -1,0 +1,81 @@
+"""The typical size of a folder's images, read from their headers.
+
+`config.choose_preset` uses it to give a `folder:PATH` dataset the preset that fits its
+images. It imports neither TensorFlow nor NumPy, and Pillow reads only each file's
+header (`Image.open` is lazy), so it runs before TensorFlow starts and costs
+milliseconds, plus the listing of the folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # the files simsiam_tf.data reads from a folder
+SAMPLE_FILES = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeSample:
+    """Median image size of a sample of files.
+
+    Attributes:
+        width, height: medians of the sampled images' widths and heights, in pixels.
+        shorter: median of each image's shorter side, in pixels.
+        read: files whose header gave a size; sampled: files tried.
+    """
+
+    width: int
+    height: int
+    shorter: int
+    read: int
+    sampled: int
+
+
+def sample_files(path: str, count: int = SAMPLE_FILES) -> list[str]:
+    """Up to `count` image files of the folder dataset PATH, the same ones every time.
+
+    The training split is PATH/train when it exists, else PATH (as `data.scan_folder`
+    reads it); its image files are sorted by path (symlinked directories not followed)
+    and `count` of them taken at even spacing, so every class folder is represented in
+    proportion to its size. Returns [] for a missing or empty folder.
+    """
+    root = os.path.join(path, "train")
+    if not os.path.isdir(root):
+        root = path
+    files = []
+    for directory, dirs, names in os.walk(root, followlinks=False):
+        dirs.sort()
+        files.extend(os.path.join(directory, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if len(files) <= count:
+        return files
+    return [files[i * len(files) // count] for i in range(count)]
+
+
+def median_size(path: str, count: int = SAMPLE_FILES) -> SizeSample | None:
+    """The median size of up to `count` images of the folder dataset PATH (`sample_files`).
+
+    Only headers are read. Files Pillow cannot open are left out of the medians; None
+    when no file gave a size (a missing or empty folder, or no readable image), so the
+    caller's own checks report the folder.
+    """
+    from PIL import Image
+
+    files = sample_files(path, count)
+    sizes = []
+    for name in files:
+        try:
+            with Image.open(name) as image:
+                sizes.append(image.size)  # (width, height), before any EXIF rotation
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    if not sizes:
+        return None
+    return SizeSample(
+        width=int(statistics.median(w for w, _ in sizes)),
+        height=int(statistics.median(h for _, h in sizes)),
+        shorter=int(statistics.median(min(w, h) for w, h in sizes)),
+        read=len(sizes),
+        sampled=len(files),
+    )
