@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import report  # noqa: E402
+from common import Parser, report  # noqa: E402
 
 EPOCHS = 8  # tests/test_collapse.py
 
@@ -69,8 +69,7 @@ def measure(seed: int, stop_gradient: bool, workdir: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="collapse_seeds.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="collapse_seeds.py", description=__doc__)
     p.add_argument("--seeds", type=_seeds, default=list(range(6)), help="e.g. 0-5 (default) or 0,3,4")
     p.add_argument("--only", choices=("collapsed", "healthy"), help="only the runs without / with the stop-gradient")
     args = p.parse_args(argv)

@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import report  # noqa: E402
+from common import Parser, report  # noqa: E402
 
 
 def _seeds(text: str) -> list[int]:
@@ -34,8 +34,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="knn_init.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="knn_init.py", description=__doc__)
     p.add_argument("--dataset", default="digits", help="as train.py's --dataset (default digits)")
     p.add_argument("--preset", default=None, help="as train.py's --preset (default: chosen from --dataset)")
     p.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated (default 0)")
