@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-every", type=_positive_int, help="kNN monitor every N epochs (0 = off)")
     p.add_argument("--knn-bank-size", dest="knn_train_limit", type=_positive_int, help="cap the kNN feature bank (0 = whole train split)")
     p.add_argument("--diag-every", type=_positive_int, help="representation diagnostics every N epochs (0 = off)")
+    p.add_argument(
+        "--projector-images",
+        type=_positive_int,
+        help="TensorBoard projector files for up to N test images at the end of training (default 2000; 0 = off)",
+    )
     p.add_argument("--train-limit", type=_positive_int, help="train on a fixed random subset of N images (0 = all)")
     p.add_argument(
         "--val-fraction",
@@ -138,7 +143,7 @@ FLAG_KEYS = (
     "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
     "strategy", "cpu_replicas", "precision", "stop_gradient", "backbone", "width",
     "image_size", "knn_every", "knn_train_limit", "train_limit", "val_fraction", "diag_every", "input", "augment_on",
-    "data_service", "data_service_grace", "method", "temperature", "proj_dim", "pred_dim",
+    "data_service", "data_service_grace", "method", "temperature", "proj_dim", "pred_dim", "projector_images",
 )
 
 

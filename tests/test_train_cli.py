@@ -94,6 +94,17 @@ def test_fix_pred_lr_can_be_turned_on_and_off():
     assert config().fix_pred_lr is False and config("--fix-pred-lr").fix_pred_lr is True
 
 
+def test_projector_images_has_a_flag():
+    import train
+
+    def config(*argv):
+        return make_config(None, **train.explicit_overrides(train.build_parser().parse_args(list(argv))))
+
+    assert config().projector_images == 2000
+    assert config("--projector-images", "0").projector_images == 0
+    assert config("--projector-images", "500").projector_images == 500
+
+
 def test_one_command_line_starts_a_run_and_continues_it(tmp_path):
     # What a scheduler that requeues a preempted job runs: the same line every time.
     command = [*TINY_FLAGS, "--epochs", "1", "--resume", str(tmp_path / "run")]
