@@ -280,9 +280,10 @@ def embed_folder(client: "EmbeddingClient", folder: str, out: str, progress: boo
     version = client.version or _served_version(client)
     if pinned and pinned != {version}:
         old = sorted(v for v in pinned if v is not None)
-        raise ClientError(f"{out} holds embeddings of model version {', '.join(map(str, old))} and the server "
-                          f"serves version {version}; pass --version {old[-1] if old else '?'} to finish with "
-                          "it, or another --out to start over")
+        which = ", ".join(map(str, old)) or "unknown"
+        fix = f"pass --version {old[-1]} to finish with it, or" if old else "pass"
+        raise ClientError(f"{out} holds embeddings of model version {which} and the server serves version "
+                          f"{version}; {fix} another --out to start over")
     client.version = version  # every request of this file goes to the same version
 
     names = find_images(folder)
@@ -291,42 +292,50 @@ def embed_folder(client: "EmbeddingClient", folder: str, out: str, progress: boo
     bar = _Progress(len(names), len(names) - len(todo), enabled=progress)
     skipped = embedded = 0
     started = time.monotonic()
-    with open(out, "ab") as f:
-        f.truncate(good_bytes)  # drop a half-written last line
-        start = 0
-        while start < len(todo):
-            batch = todo[start : start + client.batch_size]
-            start += len(batch)
-            images, readable = [], []
-            for name in batch:
-                try:
-                    with open(os.path.join(folder, name), "rb") as image:
-                        images.append(image.read())
-                    readable.append(name)
-                except OSError as e:
-                    skipped += 1
-                    bar.note(f"client: skipped {name}: cannot read it ({e.strerror})")
-            vectors, failures = client.embed_skipping_bad(images) if images else ([], {})
-            lines = []
-            for i, (name, vector) in enumerate(zip(readable, vectors)):
-                if vector is None:
-                    skipped += 1
-                    bar.note(f"client: skipped {name}: {failures[i]}")
-                    continue
-                # 9 significant digits hold a float32 exactly and keep the file small.
-                lines.append(json.dumps({"image": name, "model_version": version,
-                                         "embedding": [float(f"{x:.9g}") for x in vector]}) + "\n")
-            f.write("".join(lines).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-            embedded += len(lines)
-            bar.update(len(batch))
-    bar.close()
+    try:
+        with open(out, "ab") as f:
+            f.truncate(good_bytes)  # drop a half-written last line
+            for start in range(0, len(todo), client.batch_size):
+                batch = todo[start : start + client.batch_size]
+                lines, failed = _embed_files(client, folder, batch, version, bar)
+                f.write("".join(lines).encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+                embedded += len(lines)
+                skipped += failed
+                bar.update(len(batch))
+    finally:
+        bar.close()
     seconds = time.monotonic() - started
     rate = f", {embedded / seconds:.0f} images/s" if embedded and seconds > 0 else ""
     print(f"{out}: {embedded} embedded in {seconds:.1f} s{rate}, {len(names) - len(todo)} already there, "
           f"{skipped} skipped (model version {version})", file=sys.stderr)
     return 1 if skipped else 0
+
+
+def _embed_files(client, folder, names, version, bar) -> tuple[list[str], int]:
+    """(JSON lines of the files `names` under `folder`, how many were skipped); one
+    request unless the server must be asked which image is bad."""
+    images, readable, skipped = [], [], 0
+    for name in names:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                images.append(f.read())
+            readable.append(name)
+        except OSError as e:
+            skipped += 1
+            bar.note(f"client: skipped {name}: cannot read it ({e.strerror})")
+    vectors, failures = client.embed_skipping_bad(images) if images else ([], {})
+    lines = []
+    for i, (name, vector) in enumerate(zip(readable, vectors)):
+        if vector is None:
+            skipped += 1
+            bar.note(f"client: skipped {name}: {failures[i]}")
+            continue
+        # 9 significant digits hold a float32 exactly and keep the file small.
+        lines.append(json.dumps({"image": name, "model_version": version,
+                                 "embedding": [float(f"{x:.9g}") for x in vector]}) + "\n")
+    return lines, skipped
 
 
 class _Progress:
@@ -411,7 +420,8 @@ def main(argv=None) -> int:
         try:
             return embed_folder(client, args.folder, args.out, progress=not args.no_progress)
         except ClientError as e:
-            print(f"client: error: {e}", file=sys.stderr)
+            again = " (what is in it is kept: run the same command again to continue)" if os.path.exists(args.out) else ""
+            print(f"client: error: {e}{again}", file=sys.stderr)
             return 1
         except OSError as e:  # --out in a missing or read-only directory
             print(f"client: error: cannot write {args.out}: {e.strerror}; pass an --out in a writable directory",

@@ -25,6 +25,8 @@ times to fit in memory, and FAISS runs the same search on GPUs.
 
 `--precision-at K` measures retrieval: for every query, the fraction of its K nearest
 images whose class (first folder of the name) is the query's, averaged over queries.
+With `--queries-from` the same file as `--embeddings`, each image is left out of its
+own neighbours (leave-one-out).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def top_k(queries: np.ndarray, bank: np.ndarray, k: int, exclude: np.ndarray | N
     bank row query i may not return, such as the query itself. Memory is chunk x N floats.
     """
     k = min(k, len(bank) - (exclude is not None))
+    if k < 1:
+        return np.zeros([len(queries), 0], np.int64), np.zeros([len(queries), 0], np.float32)
     bank = l2_normalize(bank).astype(np.float32)
     queries = l2_normalize(queries).astype(np.float32)
     indices, sims = [], []
@@ -213,7 +217,10 @@ def main(argv=None) -> int:
             if q_version != version:
                 raise ClientError(f"{args.queries_from} (model version {q_version}) and {args.embeddings} "
                                   f"(version {version}) come from different models; embed both with one version")
-            exclude, paths = None, None
+            paths = None
+            # The same file as queries and bank: an image is not its own neighbour.
+            same = os.path.samefile(args.queries_from, args.embeddings)
+            exclude = np.arange(len(names)) if same else None
         else:
             q_names, queries, exclude, paths = _queries(args, names, matrix, version)
     except ClientError as e:

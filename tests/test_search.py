@@ -174,10 +174,25 @@ def test_contact_sheet_and_precision_commands(server, folder, tmp_path, capsys):
     with open(emb) as f, open(tmp_path / "labelled.jsonl", "w") as g_:
         g_.writelines(l for l in f if json.loads(l)["image"] in labelled)
     argv = ["--embeddings", str(tmp_path / "labelled.jsonl"), "--queries-from", str(tmp_path / "labelled.jsonl"),
-            "--precision-at", "5"]
+            "--precision-at", "3"]
     assert similar.main(argv) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("precision@5: 0.") and "5 queries against 5 images" in line
+    assert line.startswith("precision@3: ") and "5 queries against 5 images" in line
+
+
+def test_precision_command_leaves_an_image_out_of_its_own_neighbours(tmp_path, capsys):
+    vectors = {"a/0.png": [1, 0], "a/1.png": [0.9, 0.1], "b/0.png": [0, 1], "b/1.png": [0.1, 0.9]}
+    bank = tmp_path / "bank.jsonl"
+    bank.write_text("".join(json.dumps({"image": n, "model_version": 1, "embedding": v}) + "\n"
+                            for n, v in vectors.items()))
+    copy = tmp_path / "queries.jsonl"
+    copy.write_bytes(bank.read_bytes())
+    # The same file: each image's 2 neighbours are its class-mate and one of the other class.
+    assert similar.main(["--embeddings", str(bank), "--queries-from", str(bank), "--precision-at", "2"]) == 0
+    assert capsys.readouterr().out.startswith("precision@2: 0.5000 (4 queries against 4 images")
+    # Another file (a test split against a training split): nothing is left out.
+    assert similar.main(["--embeddings", str(bank), "--queries-from", str(copy), "--precision-at", "2"]) == 0
+    assert capsys.readouterr().out.startswith("precision@2: 1.0000 (4 queries against 4 images")
 
 
 def test_similar_errors_are_one_line(server, folder, tmp_path, capsys):
@@ -190,3 +205,16 @@ def test_similar_errors_are_one_line(server, folder, tmp_path, capsys):
         f"similar: error: --query 'no/such.png' is not a name in {emb}, nor an image file or folder")
     assert similar.main(["--embeddings", str(tmp_path / "none.jsonl"), "--query", "x"]) == 1
     assert "holds no embeddings" in capsys.readouterr().err
+
+
+def test_a_lost_server_is_one_line_that_says_the_file_is_kept(folder, tmp_path):
+    root, _ = folder
+    out = tmp_path / "emb.jsonl"
+    out.write_text(json.dumps({"image": "cat/0.png", "model_version": 1, "embedding": [1.0]}) + "\n")
+    cmd = [sys.executable, "-m", "serving.client", "--url", "http://127.0.0.1:9", "--retries", "0",
+           "--version", "1", "--folder", str(root), "--out", str(out), "--no-progress"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("client: error: POST http://127.0.0.1:9/v1/models/simsiam/versions/1")
+    assert lines[0].endswith("(what is in it is kept: run the same command again to continue)")

@@ -332,6 +332,11 @@ def test_a_non_http_port_is_one_line(tmp_path):
             conn, _ = listener.accept()
             conn.recv(65536)
             conn.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00")  # an HTTP/2 SETTINGS frame
+            # Read the rest of the request before closing: closing on unread bytes would
+            # reset the connection, which the client reports differently.
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):
+                pass
             conn.close()
 
     threading.Thread(target=answer_garbage, daemon=True).start()
