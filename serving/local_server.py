@@ -17,7 +17,8 @@ Implemented (same paths, bodies, status codes as TF Serving):
   503 overloaded, 500 internal.
 Not implemented: gRPC, /labels/, :classify and :regress, model config files, batching.
 Additions: --host (TF Serving binds all interfaces; this binds 127.0.0.1 by default) and
---max_request_bytes.
+--max_request_bytes. Unlike TF Serving, it refuses to start on a base path that holds
+no versions, such as a version directory itself (`base_path_problem`).
 """
 
 from __future__ import annotations
