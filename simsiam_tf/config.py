@@ -195,8 +195,9 @@ def choose_preset(dataset: str, image_size: int | None = None) -> tuple[str, str
     `folder:PATH` and `tfrecord:GLOB` get cifar when `image_size` (an explicit
     --image-size) is at most SMALL_IMAGE_SIDE and imagenet when larger. Without it, a
     folder is judged by the median shorter side of up to 200 of its images, read from
-    their headers (`image_sizes.median_size`); TFRecord shards get cifar, since their
-    sizes are only in the records themselves (prepare.py's index.json has none).
+    their headers (`image_sizes.median_size`), and TFRecord shards by the median that
+    prepare.py recorded in their index.json (`image_sizes.index_median_size`; cifar
+    when there is none).
     """
     small = f"≤ {SMALL_IMAGE_SIDE} px"
     if dataset == "digits":
@@ -220,9 +221,19 @@ def choose_preset(dataset: str, image_size: int | None = None) -> tuple[str, str
             f"images with a shorter side {small} get cifar at 32 px, larger imagenet at 224 px; --preset/--image-size override"
         )
     if dataset.startswith("tfrecord:"):
-        return "cifar", (
-            f"{dataset}: the shards' image sizes are only inside their records; for photos give --image-size 224 "
-            "or --preset imagenet"
+        from simsiam_tf.image_sizes import index_median_size
+
+        found = index_median_size(dataset[len("tfrecord:"):])
+        if found is None:
+            return "cifar", (
+                f"{dataset}: no index.json with image sizes (prepare.py writes one), so the sizes are only inside "
+                "the records; for photos give --image-size 224 or --preset imagenet"
+            )
+        preset = "cifar" if found.shorter <= SMALL_IMAGE_SIDE else "imagenet"
+        return preset, (
+            f"{dataset}: median image {found.width}x{found.height} px over its {found.read:,} training images "
+            f"(index.json); images with a shorter side {small} get cifar at 32 px, larger imagenet at 224 px; "
+            "--preset/--image-size override"
         )
     return "cifar", f"--dataset {dataset}: named datasets other than digits and imagenet* get cifar; --preset overrides"
 

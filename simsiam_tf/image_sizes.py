@@ -79,3 +79,23 @@ def median_size(path: str, count: int = SAMPLE_FILES) -> SizeSample | None:
         read=len(sizes),
         sampled=len(files),
     )
+
+
+def index_median_size(spec: str) -> SizeSample | None:
+    """The median size of the training images of the TFRecord shards `spec` (a directory
+    or a glob of shards), as prepare.py recorded it in their directory's index.json.
+
+    None when there is no such index, or it predates the record (shards from other
+    tools, or from an older prepare.py); the shard reader reports a broken index.
+    """
+    import json
+
+    directory = spec if os.path.isdir(spec) else os.path.dirname(spec)
+    try:
+        with open(os.path.join(directory, "index.json")) as f:
+            train = json.load(f)["splits"]["train"]
+        size = train["median_size"]
+        return SizeSample(width=int(size["width"]), height=int(size["height"]), shorter=int(size["shorter"]),
+                          read=int(train["count"]), sampled=int(train["count"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

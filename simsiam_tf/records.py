@@ -6,7 +6,7 @@ and `check_first_record`.
 
     DIR/train-00000-of-00016.tfrecord ...   one tf.train.Example per image
     DIR/test-00000-of-00016.tfrecord ...    (when the folder has a test split)
-    DIR/index.json                          written last: splits, shards, counts, bytes
+    DIR/index.json                          written last: splits, shards, counts, bytes, median image size
 
 Records follow the TF Model Garden classification layout (`image/encoded`,
 `image/format`, `image/height`, `image/width`, `image/class/label`, `image/filename`), so
@@ -378,7 +378,7 @@ def write_records(
         for name, split in splits.items():
             report = None if progress is None else (lambda n, base=done: progress(base + n, total))
             try:
-                entries, skipped = _write_split(
+                entries, skipped, sizes = _write_split(
                     name, split, out, partial, shards, max_side, quality, seed, workers, report
                 )
             except (OSError, tf.errors.OpError) as e:  # a full disk, mostly
@@ -395,6 +395,12 @@ def write_records(
                     "check that --src holds JPEG or PNG images"
                 )
             index["splits"][name] = {"count": count, "shards": entries}
+            if sizes:  # what config.choose_preset reads to fit the preset to the images
+                index["splits"][name]["median_size"] = {
+                    "width": int(np.median([w for w, _ in sizes])),
+                    "height": int(np.median([h for _, h in sizes])),
+                    "shorter": int(np.median([min(w, h) for w, h in sizes])),
+                }
             index["skipped"].extend(os.path.relpath(f, src) for f in skipped)
             done += len(split.files)
         write_json_atomic(os.path.join(out, INDEX_FILE), index)
@@ -405,7 +411,8 @@ def write_records(
 
 
 def _write_split(name, split, out, partial, shards, max_side, quality, seed, workers, progress):
-    """Write one split's shards; returns (index entries, files skipped)."""
+    """Write one split's shards; returns (index entries, files skipped, (width, height)
+    of every image written, as stored)."""
     files, labels = split.files, split.labels
     # Non-regular files (FIFOs, sockets) would block or fail the reader; skip them up front.
     skipped = [f for f in files if not os.path.isfile(f)]
@@ -431,12 +438,14 @@ def _write_split(name, split, out, partial, shards, max_side, quality, seed, wor
     writers = [tf.io.TFRecordWriter(os.path.join(partial, f)) for f in names]
     seen = np.zeros(len(files), bool)
     written = 0
+    sizes = []
     try:
         for encoded, fmt, height, width, pos in _encoded_images(files, max_side, quality, workers):
             for k in range(len(pos)):
                 p = int(pos[k])
                 example = make_example(encoded[k], labels[p], height[k], width[k], fmt[k], relnames[p])
                 writers[written % n_shards].write(example)
+                sizes.append((int(width[k]), int(height[k])))
                 written += 1
                 seen[p] = True
             if progress is not None:
@@ -454,7 +463,7 @@ def _write_split(name, split, out, partial, shards, max_side, quality, seed, wor
         count = written // n_shards + (i < written % n_shards)
         entries.append({"file": file, "count": count, "bytes": os.path.getsize(os.path.join(out, file))})
     skipped += [files[i] for i in np.flatnonzero(~seen)]
-    return entries, sorted(skipped)
+    return entries, sorted(skipped), sizes
 
 
 def _allow_open_files(n_shards: int) -> None:

@@ -115,6 +115,12 @@ def test_every_image_round_trips_with_its_bytes_label_and_size(tmp_path, capsys)
         if split == "train":
             assert all(len({name.split("/")[0] for name in names}) > 1 for names in per_shard)
         assert set(name.split("/")[0] for name in found) == set(classes)
+        # The median size config.choose_preset reads: of the images themselves.
+        sizes = [Image.open(p).size for p in (src / split).rglob("*.*")]
+        assert index["splits"][split]["median_size"] == {
+            "width": int(np.median([w for w, _ in sizes])), "height": int(np.median([h for _, h in sizes])),
+            "shorter": int(np.median([min(w, h) for w, h in sizes])),
+        }
 
     # parse: pure TF ops inside tf.data give the same bytes and labels.
     paths = [str(out / s["file"]) for s in index["splits"]["train"]["shards"]]

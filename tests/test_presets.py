@@ -90,11 +90,33 @@ def test_an_explicit_preset_wins(tmp_path, small, photos):
     assert "preset:" not in out
 
 
+def test_prepared_shards_get_the_preset_of_their_images(tmp_path, small, photos):
+    # prepare.py records the training images' median size in index.json.
+    for folder, name, expected in ((small, "small-shards", "cifar"), (photos, "photo-shards", "imagenet")):
+        out = tmp_path / name
+        done = subprocess.run(
+            [sys.executable, os.path.join(REPO, "prepare.py"), "--src", folder[len("folder:"):], "--out", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        for spec in (f"tfrecord:{out}", f"tfrecord:{out}/train-*"):
+            preset, why = choose_preset(spec)
+            assert preset == expected, why
+        assert make_config(None, dataset=f"tfrecord:{out}").preset == expected
+    assert "median image 400x300 px over its 6 training images (index.json)" in why
+    # An index from an older prepare.py (or none) leaves the shards on cifar, saying why.
+    index = json.loads((out / "index.json").read_text())
+    del index["splits"]["train"]["median_size"]
+    (out / "index.json").write_text(json.dumps(index))
+    preset, why = choose_preset(f"tfrecord:{out}")
+    assert preset == "cifar" and "no index.json with image sizes" in why and "--preset imagenet" in why
+
+
 def test_other_datasets_keep_their_presets():
     assert choose_preset("digits")[0] == "digits"
     assert choose_preset("imagenet2012")[0] == "imagenet"
     assert choose_preset("cifar10")[0] == "cifar"
-    preset, why = choose_preset("tfrecord:shards/*")  # sizes are only inside the records
+    preset, why = choose_preset("tfrecord:shards/*")  # no index.json: sizes only inside the records
     assert preset == "cifar" and "--preset imagenet" in why
 
 
