@@ -4,6 +4,7 @@ Times are medians over the timed steps, after `warmup` steps that trace and comp
 
     python benchmarks/train_step.py            # ResNet-18 (CIFAR variant), 32 px, global batch 256
     python benchmarks/train_step.py --quick    # batch 64, fewer steps
+    python benchmarks/train_step.py --preset imagenet --batch 32 --precision float32 --xla off   # ResNet-50, 224 px
 
 For float32 and bfloat16, with XLA off and on, in one process:
 - fit step: `SimSiam.train_step` through `fit()`, as training runs it (both views
@@ -13,7 +14,7 @@ For float32 and bfloat16, with XLA off and on, in one process:
 - backbone: the same backbone's forward and backward pass on the same two views
   (gradient of the sum of its features), nothing else.
 The ratio step / backbone is the cost of SimSiam's heads, loss and update; the target
-is at most 1.15. Speeds are view pairs per second (one pair = two 32 px images).
+is at most 1.15. Speeds are view pairs per second (one pair = two images at the preset's size).
 
 Against PyTorch, one command (docs/performance.md, "Against PyTorch"):
 
@@ -51,13 +52,14 @@ from simsiam_tf.model import build_simsiam  # noqa: E402
 from simsiam_tf.optim import make_optimizer  # noqa: E402
 
 
-def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, width: int) -> dict:
-    config = make_config("cifar", precision=precision, batch_size=batch, width=width)
+def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, width: int, preset: str = "cifar") -> dict:
+    config = make_config(preset, precision=precision, batch_size=batch, width=width)
     keras.utils.set_random_seed(0)
     model = build_simsiam(config)
     model.compile(optimizer=make_optimizer(model, config, steps_per_epoch=100), jit_compile=jit)
-    x1 = tf.random.normal([batch, 32, 32, 3], seed=1)
-    x2 = tf.random.normal([batch, 32, 32, 3], seed=2)
+    size = config.image_size
+    x1 = tf.random.normal([batch, size, size, 3], seed=1)
+    x2 = tf.random.normal([batch, size, size, 3], seed=2)
     ds = tf.data.Dataset.from_tensors((x1, x2)).repeat()
     # One fit() call, as in training, timed per step by a callback: every separate fit()
     # call can retrace the train function (measured: +20 s on the second call), which
@@ -131,10 +133,15 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="both")
     p.add_argument("--xla", choices=("off", "on", "both"), default="both")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch reference and print the ratio")
+    p.add_argument("--preset", choices=("cifar", "imagenet"), default="cifar",
+                   help="the model and image size: cifar (ResNet-18 CIFAR variant, 32 px; default) or imagenet "
+                   "(ResNet-50, 224 px, 3-layer projector)")
     p.add_argument("--rounds", type=positive_int, default=1, help="repeat everything, alternating frameworks")
     args = p.parse_args(argv)
     if min(args.batch, args.steps, args.width, args.rounds) < 1:
         p.error("--batch, --steps, --width and --rounds must be at least 1")
+    if args.torch and args.preset != "cifar":
+        p.error("--torch compares the cifar preset only (the PyTorch reference is a CIFAR ResNet-18)")
     batch, steps, warmup = (64, 2, 2) if args.quick else (args.batch, args.steps, 2)
     precisions = ("float32", "bfloat16") if args.precision == "both" else (args.precision,)
     xla = {"off": (False,), "on": (True,), "both": (False, True)}[args.xla]
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
     for rnd in range(1, args.rounds + 1):
         for precision in precisions:
             for jit in xla:
-                row = {"framework": "simsiam_tf", "round": rnd, **measure(precision, jit, batch, steps, warmup, args.width)}
+                row = {"framework": "simsiam_tf", "round": rnd, **measure(precision, jit, batch, steps, warmup, args.width, args.preset)}
                 rows.append(row)
                 print(
                     f"  round {rnd} ours    {precision:<9} xla={str(jit):<5} fit step {row['step_pairs_per_s']:6.1f} pairs/s   "
@@ -158,7 +165,7 @@ def main(argv=None) -> int:
                 speed = torch_step(python, precision, batch, steps, args.width, threads)
                 rows.append({"framework": "pytorch", "round": rnd, "precision": precision, "step_pairs_per_s": speed})
                 print(f"  round {rnd} PyTorch {precision:<9} step {speed:6.1f} pairs/s", flush=True)
-    extra = {"batch": batch, "width": args.width, "threads": threads}
+    extra = {"batch": batch, "width": args.width, "threads": threads, "preset": args.preset}
 
     def best(precision, framework="simsiam_tf", jit=None):
         speeds = [r["step_pairs_per_s"] for r in rows if r["framework"] == framework and r["precision"] == precision
