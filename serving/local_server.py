@@ -24,13 +24,13 @@ no versions, such as a version directory itself (`base_path_problem`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
 import json
 import os
 import re
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -320,6 +320,22 @@ def serve(model_name, model_base_path, port=8501, host="127.0.0.1", threads=4, p
     manager.start()
     server = PooledHTTPServer((host, port), manager, threads=threads, max_request_bytes=max_request_bytes, verbose=verbose)
     return server, manager
+
+
+@contextlib.contextmanager
+def running(model_name, model_base_path, **options):
+    """The server on a background thread, for tests and scripts that need one for a
+    while: yields (root URL, manager) and stops it on exit. `options` as for `serve`
+    (port=0 picks a free port)."""
+    server, manager = serve(model_name, model_base_path, **options)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    try:
+        yield f"http://{host}:{port}", manager
+    finally:
+        manager.stop()
+        server.shutdown()
+        server.server_close()
 
 
 def main(argv=None) -> int:

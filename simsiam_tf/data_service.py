@@ -307,15 +307,31 @@ class ServiceInput:
 # The servers.
 
 
+STOP_GRACE_SECONDS = 10.0
+
+
 def _serve(server, describe: str) -> int:
-    """Block until SIGTERM or SIGINT, then stop the server and return 0."""
+    """Block until SIGTERM or SIGINT, then stop the server and return 0.
+
+    TensorFlow's `stop()` can outlast a scheduler's patience (once more than 30 s, for a
+    dispatcher just recovered from its journal, on a loaded machine), so after
+    STOP_GRACE_SECONDS the process exits without waiting for it. That loses nothing:
+    a fault-tolerant dispatcher journals every change before acting on it, being built
+    to survive SIGKILL, and a worker holds only elements in flight, which the tf.data
+    service already treats as lost when a worker goes away.
+    """
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     print(describe, flush=True)
     while not stop.wait(1.0):
         pass
-    server.stop()
+    stopping = threading.Thread(target=server.stop, daemon=True)
+    stopping.start()
+    stopping.join(STOP_GRACE_SECONDS)
+    if stopping.is_alive():
+        print(f"stopped (without waiting more than {STOP_GRACE_SECONDS:g} s for the server's own shutdown)", flush=True)
+        os._exit(0)
     print("stopped", flush=True)
     return 0
 

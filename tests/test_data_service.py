@@ -164,6 +164,29 @@ def test_host_views_sent_as_uint8_are_the_in_process_views_within_half_a_grey_le
             assert np.all(np.abs(normalize_uint8(after).numpy() - before.numpy()) <= step / 2 + 1e-5)
 
 
+def test_a_server_whose_shutdown_hangs_still_exits_after_the_grace():
+    # A server whose own stop() never returns (TensorFlow's took over 30 s once under
+    # load): SIGTERM still ends the process, with exit code 0, after the grace.
+    script = (
+        "import time\n"
+        "from simsiam_tf import data_service\n"
+        "data_service.STOP_GRACE_SECONDS = 0.5\n"
+        "class Stuck:\n"
+        "    def stop(self):\n"
+        "        time.sleep(600)\n"
+        "raise SystemExit(data_service._serve(Stuck(), 'serving'))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "serving"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped (without waiting more than 0.5 s" in proc.stdout.read()
+    finally:
+        proc.kill()
+
+
 def test_servers_say_what_they_serve_and_stop_on_sigterm(tmp_path):
     port = _free_port()
     dispatcher = subprocess.Popen(

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -36,12 +35,8 @@ def server(tmp_path_factory):
     config = make_config("digits", width=8, proj_dim=64, pred_dim=16)
     base = str(root / "models" / "simsiam")
     export.export_saved_model(build_model(config), config, base, normalize=True)
-    srv, manager = local_server.serve("simsiam", base, port=0, poll_seconds=0.2)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    manager.stop()
-    srv.shutdown()
-    srv.server_close()
+    with local_server.running("simsiam", base, port=0, poll_seconds=0.2) as (url, _):
+        yield url
 
 
 @pytest.fixture

@@ -50,13 +50,10 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(exported):
-    srv, manager = local_server.serve("simsiam", exported["base"], port=0, poll_seconds=0.2, max_request_bytes=200_000)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield {"url": f"http://127.0.0.1:{srv.server_address[1]}", "manager": manager, **exported}
-    manager.stop()
-    srv.shutdown()
-    srv.server_close()
+    with local_server.running("simsiam", exported["base"], port=0, poll_seconds=0.2, max_request_bytes=200_000) as (
+        url, manager
+    ):
+        yield {"url": url, "manager": manager, **exported}
 
 
 def _call(url, body=None, raw=None, method=None):

@@ -8,7 +8,6 @@ the server keeps answering).
 import base64
 import json
 import string
-import threading
 import urllib.error
 import urllib.request
 
@@ -132,12 +131,8 @@ def live(tmp_path_factory):
     config = make_config("digits", width=8, proj_dim=64, pred_dim=16)
     base = str(tmp_path_factory.mktemp("fuzz") / "m")
     export.export_saved_model(build_simsiam(config), config, base)
-    srv, manager = local_server.serve("m", base, port=0, max_request_bytes=100_000)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1/models/m:predict"
-    manager.stop()
-    srv.shutdown()
-    srv.server_close()
+    with local_server.running("m", base, port=0, max_request_bytes=100_000) as (url, _):
+        yield f"{url}/v1/models/m:predict"
 
 
 def _post(url, body: bytes):
