@@ -219,11 +219,13 @@ def test_sigint_while_starting_is_one_line_and_exit_130(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "train.py"), "--epochs", "1", "--logdir", str(logdir)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # As from a terminal: a test run started in the background (`pytest &` in a
+        # script) ignores SIGINT, and a child inherits that, so Python would never
+        # raise KeyboardInterrupt and the run would simply finish.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # Interrupted while loading the data and building the model, after the first line
-    # training prints and before config.json: nothing saved yet. (A fixed delay of
-    # 1.5 s was flaky under load: once, during the imports, the interrupt was lost and
-    # the run finished.)
+    # training prints and before config.json: nothing saved yet.
     for line in proc.stdout:
         if line.startswith("precision:"):
             break
