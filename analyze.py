@@ -13,20 +13,16 @@ epoch. Bad input exits with code 2 and one line naming the problem.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = _Parser(prog="analyze.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="analyze.py", description=__doc__)
     p.add_argument("--run", action="append", required=True, help="run directory written by train.py; repeat to overlay runs")
     p.add_argument("--out", help="output directory (default: RUN/report for one run, ./report for several)")
     return p

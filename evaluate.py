@@ -22,12 +22,9 @@ import json
 import os
 import sys
 
+from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _count(text):
@@ -41,7 +38,7 @@ def _count(text):
 
 
 def build_parser():
-    p = _Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="evaluate.py", description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run directory written by train.py")
     source.add_argument("--saved-model", help="SavedModel version written by export.py (EXPORT_DIR/N, or EXPORT_DIR for the latest)")

@@ -16,12 +16,9 @@ import argparse
 import os
 import sys
 
+from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _version(text):
@@ -35,7 +32,7 @@ def _version(text):
 
 
 def build_parser():
-    p = _Parser(prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="export.py", description=__doc__)
     p.add_argument("--run", required=True, help="run directory written by train.py")
     p.add_argument("--export-dir", default=os.path.join("exports", "simsiam"), help="TF Serving model base path")
     p.add_argument("--version", type=_version, help="version number (default: the next integer)")

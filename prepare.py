@@ -19,12 +19,9 @@ import os
 import sys
 import time
 
+from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _int_at_least(low, high=None):
@@ -42,7 +39,7 @@ def _int_at_least(low, high=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="prepare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="prepare.py", description=__doc__)
     p.add_argument("--src", required=True, help="PATH/train/<class>/*.jpg [PATH/test/<class>/*], or loose images")
     p.add_argument("--out", required=True, help="directory for the shards and index.json")
     p.add_argument("--shards", type=_int_at_least(1), help="shards per split (default: ~128 MiB each, at least 16)")

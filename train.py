@@ -18,12 +18,9 @@ import os
 import sys
 import time
 
+from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive_int(text):
@@ -42,7 +39,7 @@ def _number(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="train.py",
         description="Self-supervised SimSiam pretraining (Chen & He, 2021) with TensorFlow and Keras.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

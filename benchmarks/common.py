@@ -20,19 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import simsiam_tf  # noqa: E402,F401  (before tensorflow: switches on oneDNN, see simsiam_tf/__init__.py)
-
-
-class Parser(argparse.ArgumentParser):
-    """The benchmarks' argument parser: a bad argument is one line, `prog: error: ...`,
-    and exit code 2 (argparse's own prints the usage first). Each script parses before
-    it measures anything, and the ones that import TensorFlow lazily fail in a blink."""
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(**kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from simsiam_tf.cli import Parser  # noqa: E402,F401  (every script's parser: one-line errors, exit 2)
 
 
 def _whole(text: str, least: int) -> int:

@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make `serving` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from serving.client import ClientError, EmbeddingClient, find_images, read_embeddings  # noqa: E402
+from simsiam_tf.cli import Parser  # noqa: E402
 from simsiam_tf.diagnostics.metrics import l2_normalize  # noqa: E402
 
 CELL = 96  # pixels of one image on the sheet (CIFAR's 32 px, enlarged 3x)
@@ -173,11 +174,6 @@ def _queries(args, names, matrix, version):
     return q_names, np.stack(vectors), np.array(exclude), paths
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _at_least_1(text):
     try:
         value = int(text)
@@ -189,7 +185,7 @@ def _at_least_1(text):
 
 
 def build_parser():
-    p = _Parser(prog="python -m serving.similar", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m serving.similar", description=__doc__)
     p.add_argument("--embeddings", required=True, help="JSON-lines file of python -m serving.client --folder")
     p.add_argument("--root", help="the --folder the embeddings' names are relative to (for the sheet's images)")
     p.add_argument("--query", nargs="+", default=[], help="names in --embeddings, image files or folders")
