@@ -81,6 +81,8 @@ def machine() -> dict:
         "cpu": model,
         "cores": os.cpu_count(),
         "isa": [f for f in wanted if f in flags],
+        # oneDNN's instruction-set cap, when set: kernels of an older CPU on this one.
+        **({"onednn_max_cpu_isa": os.environ["ONEDNN_MAX_CPU_ISA"]} if os.environ.get("ONEDNN_MAX_CPU_ISA") else {}),
         "python": platform.python_version(),
     }
 

@@ -267,6 +267,17 @@ class CollapseWarning(keras.callbacks.Callback):
                 tf.summary.text("warnings/collapse", message, step=int(self.model.optimizer.iterations.numpy()))
             writer.close()
 
+    @staticmethod
+    def written(run_dir: str) -> list[tuple[int, str]]:
+        """(step, message) of every collapse warning in RUN_DIR/tb, oldest first."""
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"tensors": 0})
+        events.Reload()
+        if "warnings/collapse" not in events.Tags()["tensors"]:
+            return []
+        return [(e.step, tf.make_ndarray(e.tensor_proto).item().decode()) for e in events.Tensors("warnings/collapse")]
+
 
 class EpochTimer(keras.callbacks.Callback):
     """`logs["epoch_seconds"]`: the epoch's training time, measured before the

@@ -63,3 +63,13 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert distribute.resolve_precision("auto", strategy)[0] == "bfloat16"
     monkeypatch.setattr(distribute, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert distribute.resolve_precision("auto", strategy) == ("float32", "auto: no native bfloat16 on this CPU")
+
+
+def test_library_configs_are_float32_whatever_the_cpu():
+    # Only train.py asks for --precision auto. Tests build their runs from make_config
+    # and TrainConfig, so these must not follow the CPU: a test's outcome would then
+    # depend on whether the machine has native bfloat16.
+    from simsiam_tf.config import PRESETS, TrainConfig
+
+    assert TrainConfig().precision == "float32"
+    assert {name: make_config(name).precision for name in PRESETS} == {name: "float32" for name in PRESETS}

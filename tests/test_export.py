@@ -101,8 +101,11 @@ def test_no_python_only_ops_and_saved_model_cli_reads_it(run_dir, tmp_path):
     ops = _op_types(path)
     assert "DecodeImage" in ops or "DecodePng" in ops  # the check sees inside functions
     assert not ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless"}
+    # The saved_model_cli script as a module of this interpreter: the script itself is on
+    # PATH only in an activated environment.
     cli = subprocess.run(
-        ["saved_model_cli", "show", "--all", "--dir", path], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--all", "--dir", path],
+        capture_output=True, text=True, timeout=120,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
     assert cli.returncode == 0, cli.stderr[-1000:]

@@ -220,7 +220,8 @@ def test_end_to_end_cli_train_export_serve_query(tmp_path):
     run = str(tmp_path / "run")
     base = str(tmp_path / "exports" / "simsiam")
     steps = [
-        [py, "train.py", "--width", "8", "--batch-size", "32", "--train-limit", "64", "--epochs", "1", "--logdir", run],
+        [py, "train.py", "--width", "8", "--batch-size", "32", "--train-limit", "64", "--epochs", "1",
+         "--precision", "float32", "--logdir", run],
         [py, "export.py", "--run", run, "--export-dir", base],
     ]
     for cmd in steps:

@@ -26,7 +26,10 @@ def _train(args, cwd, timeout=300):
     )
 
 
-TINY_FLAGS = ["--width", "8", "--batch-size", "32", "--train-limit", "64", "--knn-every", "2", "--seed", "5"]
+# Pinned to float32: what these runs check must not depend on what --precision auto
+# picks on the CPU at hand (bfloat16 on one with AVX512-BF16 or AMX).
+TINY_AUTO = ["--width", "8", "--batch-size", "32", "--train-limit", "64", "--knn-every", "2", "--seed", "5"]
+TINY_FLAGS = [*TINY_AUTO, "--precision", "float32"]
 
 
 def _error_lines(stderr):
@@ -127,7 +130,8 @@ def test_bare_resume_needs_a_run_directory(tmp_path):
 def test_mirrored_run_on_two_cpu_replicas(tmp_path):
     logdir = tmp_path / "run"
     result = _train(
-        [*TINY_FLAGS, "--epochs", "1", "--strategy", "mirrored", "--cpu-replicas", "2", "--logdir", str(logdir)],
+        # No --precision: this test checks what auto resolves to, whatever the CPU.
+        [*TINY_AUTO, "--epochs", "1", "--strategy", "mirrored", "--cpu-replicas", "2", "--logdir", str(logdir)],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
