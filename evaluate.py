@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     try:
         if args.run and not os.path.isdir(args.run):
             raise UsageError(f"--run {args.run!r} is not a directory")
-        from simsiam_tf import inputs  # imports TensorFlow: only for a plausible command
+        from simsiam_tf import input as input_lib  # imports TensorFlow: only for a plausible command
+        from simsiam_tf.config import TrainConfig
         from simsiam_tf.diagnostics import evaluation
 
         if args.run:
@@ -89,7 +90,9 @@ def main(argv=None) -> int:
         out_dir = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(out_dir):
             raise UsageError(f"--json {out!r}: directory {out_dir!r} does not exist")
-        data = inputs.open_eval_input(dataset, source["image_size"], data_dir, args.train_limit, val_fraction)
+        config = TrainConfig(dataset=dataset, image_size=source["image_size"], data_dir=data_dir,
+                             train_limit=args.train_limit, val_fraction=val_fraction)
+        data, _ = input_lib.open_input(config)
         result = {"source": source, **evaluation.evaluate(embed, data)}
         write_json_atomic(out, result)
     except UsageError as e:

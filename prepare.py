@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     started = time.time()
     try:
-        from simsiam_tf import records  # imports TensorFlow: only for a command that parsed
+        from simsiam_tf.input import records  # imports TensorFlow: only for a command that parsed
 
         index = records.write_records(
             args.src, args.out, shards=args.shards, max_side=args.max_side, seed=args.seed,

@@ -170,10 +170,10 @@ def _interrupted(argv, logdir, existed) -> int:
     """Ctrl-C: the command that continues the run, or, with nothing saved, starts it again."""
     import shlex
 
-    from simsiam_tf.rundir import completed_epochs, continue_command
+    from simsiam_tf.rundir import LAST_DIR, completed_epochs, continue_command
 
     if logdir and os.path.isfile(os.path.join(logdir, "config.json")):
-        done = completed_epochs(logdir)
+        done = completed_epochs(os.path.join(logdir, LAST_DIR))
         kept = f"epoch {done} is kept" if done else "no epoch had completed (it starts again from epoch 1)"
         print(f"\ntrain.py: interrupted; {kept}; continue with: {continue_command(logdir)}", file=sys.stderr)
     else:
@@ -204,7 +204,8 @@ def _out_of_memory_outside_a_step(argv, logdir, error) -> str:
 
 def _main(argv, run) -> int:
     args = build_parser().parse_args(argv)
-    from simsiam_tf.config import OutOfMemory, TrainingDiverged, UsageError, make_config
+    from simsiam_tf.config import make_config
+    from simsiam_tf.errors import OutOfMemory, TrainingDiverged, UsageError
 
     explicit = explicit_overrides(args)
     try:

@@ -2,10 +2,12 @@
 
     python benchmarks/augment_profile.py
 
-The photometric half of the recipe runs per image (`augment.ViewAugment(per_image=True)`,
-what the streaming path and CPU replicas run) on a batch of 128 random 224 x 224
-crops, with each step's probability set to 0 or 1 in turn; then the crop half
-(`crop_decode.decode_crops`, two views per photo) on the benchmark photos
+The photometric half of the recipe runs per image, one XLA program per view: what
+every input's host augmentation (`simsiam_tf.input.decode.image_views`) and CPU
+replicas under `--augment-on device` run. Here it runs through
+`augment.ViewAugment(per_image=True)` on a batch of 128 random 224 x 224 crops, with
+each step's probability set to 0 or 1 in turn; then the crop half
+(`simsiam_tf.input.decode.decode_crops`, two views per photo) on the benchmark photos
 (`common.photo_folder`). Costs are milliseconds per view per core: wall time x cores /
 views, so they add up to what one core spends on a view.
 """
@@ -24,7 +26,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from simsiam_tf import augment as aug  # noqa: E402
-from simsiam_tf import crop_decode  # noqa: E402
+from simsiam_tf.input import decode  # noqa: E402
 
 SIZE, BATCH = 224, 128
 
@@ -46,7 +48,7 @@ def crops_ms(count: int, batches: int) -> float:
     spec = aug.AugmentSpec.for_image_size(SIZE)
     ds = (
         tf.data.Dataset.from_tensor_slices(files).repeat().enumerate()
-        .map(lambda i, f: crop_decode.decode_crops(tf.io.read_file(f), tf.stack([tf.constant(0, tf.int64), i]), spec),
+        .map(lambda i, f: decode.decode_crops(tf.io.read_file(f), tf.stack([tf.constant(0, tf.int64), i]), spec),
              num_parallel_calls=tf.data.AUTOTUNE)
         .batch(BATCH).prefetch(1)
     )

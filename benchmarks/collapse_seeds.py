@@ -50,7 +50,7 @@ def measure(seed: int, stop_gradient: bool, workdir: str, epochs: int = EPOCHS) 
     from simsiam_tf import training
     from simsiam_tf.callbacks import CollapseWarning
     from simsiam_tf.config import make_config
-    from simsiam_tf.data import load
+    from simsiam_tf.input import split_images
     from simsiam_tf.diagnostics import metrics, probe
     from simsiam_tf.export import load_run
 
@@ -64,7 +64,7 @@ def measure(seed: int, stop_gradient: bool, workdir: str, epochs: int = EPOCHS) 
     steps = summary["train_images"] // config.batch_size // max(1, epochs - 1)  # the first epoch is not counted
     warned = [step // steps for step, _ in CollapseWarning.written(path)]
     _, model, _ = load_run(path, "last")
-    images = probe.probe_images(load("digits", config.image_size).train_images, config.diag_images)
+    images = probe.probe_images(split_images("digits", config.image_size)[0], config.diag_images)
     z, _ = probe.ProbeSet(images, config.diag_views, config.image_size, config.seed).embed(model)
     return {
         "seed": seed,

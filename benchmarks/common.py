@@ -133,7 +133,6 @@ def photo_folder(count: int, grain: float = 0.0) -> str:
     """
     import tempfile
 
-    import numpy as np
     import tensorflow as tf
 
     root = os.path.join(tempfile.gettempdir(), "simsiam-tf-bench", f"cifar-{count}-500x375-q90-grain{grain:g}")
@@ -164,6 +163,17 @@ def photo_folder(count: int, grain: float = 0.0) -> str:
         pass
     open(done, "w").close()
     return root
+
+
+def training_input(dataset: str, image_size: int, kind: str):
+    """The training input train.py would read for `--dataset dataset --image-size
+    image_size --input kind` ("memory" or "stream"), every training image kept (no
+    validation split held out): `simsiam_tf.input.open_input`."""
+    from simsiam_tf.config import make_config
+    from simsiam_tf.input import open_input
+
+    config = make_config(dataset=dataset, image_size=image_size, input=kind, val_fraction=0.0)
+    return open_input(config)[0]
 
 
 def peak_rss_mb() -> float:

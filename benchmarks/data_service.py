@@ -7,18 +7,17 @@ The data: CIFAR-10 upscaled to 500 x 375 JPEG photos (`common.photo_folder`) wri
 into 16 TFRecord shards, read at 224 px with the whole augmentation on the host
 (`--augment-on host`), batch 64. Three ways, on the same machine:
 
-- in process: `stream.StreamInput.worker_pairs`, what `train.py` runs without
-  `--data-service`;
+- in process: `simsiam_tf.input.stream.StreamInput.worker_batches`, what `train.py`
+  runs without `--data-service`;
 - service, 1 or 2 workers: a dispatcher in this process and worker subprocesses
   (`python -m simsiam_tf.data_service worker`) on loopback, read as `train.py
-  --data-service` reads them (`ServiceInput`: dynamic sharding, uncompressed, views sent
-  as uint8 before normalisation, which `train_step` does on the accelerator).
+  --data-service` reads them (`simsiam_tf.input.service.ServiceInput`: dynamic sharding,
+  uncompressed).
 
-All use the same cores, so the ratio in-process / service is the service's overhead per
-pair on this machine: serialising each batch, sending it over gRPC and receiving it.
-The in-process rows deliver normalised float32, the service rows uint8 (normalised by
-the model on the device; normalising 224 px pairs in tf.data on the trainer's CPU would
-cost it 1.7 ms per pair, measured).
+All use the same cores and deliver the same batches, in the one batch format (uint8
+[B, S, S, 6], normalised later by `train_step` on the device), so the ratio in-process /
+service is the service's overhead per pair on this machine: serialising each batch,
+sending it over gRPC and receiving it.
 "trainer CPU" is the CPU time this process spends per pair while reading, which on a
 cluster is what a GPU host still pays when all augmentation runs elsewhere.
 """
@@ -33,13 +32,14 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Parser, batch_size, photo_folder, positive_int, report  # noqa: E402
+from common import Parser, batch_size, photo_folder, positive_int, report, training_input  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from simsiam_tf import augment as aug  # noqa: E402
-from simsiam_tf import data_service, records, stream  # noqa: E402
+from simsiam_tf.input import records  # noqa: E402
+from simsiam_tf.input.service import ServiceInput  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, BATCH = 224, 64
@@ -57,8 +57,8 @@ def _measure(ds, batches: int, batch: int, warmup: int = 3) -> tuple[float, floa
         next(it)
     cpu, started = _cpu_seconds(), time.perf_counter()
     for _ in range(batches):
-        views = next(it)
-    views[0].numpy()
+        element = next(it)  # a batch, or (batch, epoch, image id) from the service
+    (element[0] if isinstance(element, tuple) else element).numpy()
     seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
     return batches * batch / seconds, cpu / (batches * batch) * 1e6
 
@@ -95,21 +95,21 @@ def main(argv=None) -> int:
     if records.read_index(shards) is None:
         records.write_records(root, shards, shards=16, overwrite=True)
     spec = aug.AugmentSpec.for_image_size(args.size)
-    streamed = stream.StreamInput(stream.TFRecordSource(shards), args.size)
+    streamed = training_input(f"tfrecord:{shards}", args.size, "stream")
 
     svc = tf.data.experimental.service
 
     def in_process():
-        return streamed.worker_pairs(args.batch, spec, 0, 10_000)
+        return streamed.worker_batches(args.batch, spec, 0, 10_000)
 
     def service(name, target):
         def make():
-            inp = data_service.ServiceInput(streamed, target, name)
+            inp = ServiceInput(streamed, target, name)
             dataset_id, element_spec = inp.connect(args.batch, spec, 0, 10_000)
             return svc.from_dataset_id(
                 processing_mode=svc.ShardingPolicy.DYNAMIC, service=target, dataset_id=dataset_id,
                 element_spec=element_spec, job_name=inp.job, max_outstanding_requests=4,
-            )  # uint8 views, normalised by the model on the device as in train.py
+            )  # (batch, epoch, image id), as ServiceInput.batches reads them
         return make
 
     cores = os.cpu_count()

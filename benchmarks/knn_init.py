@@ -8,13 +8,14 @@ why the "before training" figure calibrates BatchNorm first (README, Monitoring)
 
 A freshly initialised network keeps BatchNorm's moving mean 0 and variance 1, so its
 inference-mode features are not normalised at all. train.py's kNN monitor first
-estimates those statistics on the training images (`callbacks.calibrate_batchnorm`,
-no weight changes) and then measures. This script builds the preset's model at each
-seed, with the initial weights training would start from, and prints the test-split
-kNN top-1 (the monitor's k and temperature, the train split less the validation split
-as the bank) before and after that calibration. With `--precision-at K`, also the
-retrieval precision@K of the test split against that bank by cosine similarity
-(`serving.similar`'s exact search), as serving/README.md measures a trained encoder.
+estimates those statistics on the training images
+(`diagnostics.embed.calibrate_batchnorm`, no weight changes) and then measures. This
+script builds the preset's model at each seed, with the initial weights training would
+start from, and prints the test-split kNN top-1 (the monitor's k and temperature, the
+train split less the validation split as the bank) before and after that calibration.
+With `--precision-at K`, also the retrieval precision@K of the test split against that
+bank by cosine similarity (`serving.similar`'s exact search), as serving/README.md
+measures a trained encoder.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _seeds(text: str) -> list[int]:
 def _precision_at(backbone, probe, image_size: int, k: int) -> float:
     """Precision@k of the probe's test split against its bank, by exact cosine search."""
     from serving.similar import precision_at, top_k
-    from simsiam_tf.callbacks import FeatureExtractor
+    from simsiam_tf.diagnostics.embed import FeatureExtractor
 
     extract = FeatureExtractor(backbone, image_size)
     bank, bank_labels = extract.embed_split(probe.bank)
@@ -61,9 +62,10 @@ def main(argv=None) -> int:
 
     import keras
 
-    from simsiam_tf import callbacks as cb
-    from simsiam_tf import inputs
     from simsiam_tf.config import UsageError, make_config
+    from simsiam_tf.diagnostics.embed import calibrate_batchnorm
+    from simsiam_tf.diagnostics.knn import KnnProbe
+    from simsiam_tf.input import contract, open_input
     from simsiam_tf.model import build_model
 
     rows = []
@@ -71,15 +73,15 @@ def main(argv=None) -> int:
         try:
             overrides = {} if args.val_fraction is None else {"val_fraction": args.val_fraction}
             config = make_config(args.preset, dataset=args.dataset, seed=seed, **overrides)
-            training_input = inputs.open_input(config, inputs.resolve_input(config)[0])
+            training_input, _ = open_input(config)
         except UsageError as e:
             print(f"knn_init.py: error: {e}", file=sys.stderr)
             return 2
-        if not training_input.has_knn_splits:
+        if not contract.can_monitor_knn(training_input):
             print("knn_init.py: error: the dataset needs labelled train and test splits for kNN", file=sys.stderr)
             return 2
-        probe = cb.KnnProbe(
-            training_input.eval_images("train", config.knn_train_limit), training_input.eval_images("test"),
+        probe = KnnProbe(
+            training_input.eval_split("train", config.knn_train_limit), training_input.eval_split("test"),
             config.image_size, config.knn_k, config.knn_temperature, len(training_input.class_names) or None,
         )
         keras.utils.set_random_seed(config.seed)  # as training.run, so these are its initial weights
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
         row = {"seed": seed}
         for state in ("raw", "calibrated"):
             if state == "calibrated":
-                cb.calibrate_batchnorm(model.backbone, probe.bank, config.image_size)
+                calibrate_batchnorm(model.backbone, probe.bank, config.image_size)
             row[f"knn_top1_{state}_init"] = probe(model.backbone)["test"]
             if args.precision_at:
                 row[f"precision_at_k_{state}_init"] = _precision_at(model.backbone, probe, config.image_size, args.precision_at)

@@ -6,12 +6,14 @@
 The images are CIFAR-10 upscaled to 500 x 375 and re-encoded as JPEG quality 90 in a
 temp dir (`common.photo_folder`; the first run writes them, about 2.5 GB for 50,000).
 They are made in a child process, so the peak memory reported is the epoch's (with
-TensorFlow's own). The epoch is what training reads: `stream.StreamInput.worker_pairs` at batch 256, the
-whole augmentation on the host (or `--augment-on device`: decode, crop and resize
-only), every batch pulled to NumPy as `fit()` would. Peak RSS is the process's high
-water mark (ru_maxrss), sampled after every batch, so it includes TensorFlow itself;
-the RSS just before the epoch (TensorFlow, the pipeline built) is reported beside it.
-Held in memory at 224 px the same images would need images x 224 x 224 x 3 bytes.
+TensorFlow's own). The epoch is what training reads:
+`simsiam_tf.input.stream.StreamInput.worker_batches` at batch 256, in the one batch
+format (uint8 [B, S, S, 6]), the whole augmentation on the host (or `--augment-on
+device`: decode, crop and resize only), every batch pulled to NumPy as `fit()` would.
+Peak RSS is the process's high water mark (ru_maxrss), sampled after every batch, so
+it includes TensorFlow itself; the RSS just before the epoch (TensorFlow, the pipeline
+built) is reported beside it. Held in memory at 224 px the same images would need
+images x 224 x 224 x 3 bytes.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, Parser, batch_size, current_rss_mb, peak_rss_mb, photo_folder, positive_int, report  # noqa: E402
+from common import (  # noqa: E402
+    CIFAR, Parser, batch_size, current_rss_mb, peak_rss_mb, photo_folder, positive_int, report, training_input,
+)
 
 from simsiam_tf import augment as aug  # noqa: E402
-from simsiam_tf import records, stream  # noqa: E402
+from simsiam_tf.input import records  # noqa: E402
 
 
 def prepare(images: int, source: str) -> tuple[str, str]:
@@ -61,15 +65,14 @@ def main(argv=None) -> int:
     subprocess.run([sys.executable, __file__, "--prepare-only", "--images", str(args.images),
                     "--batch", str(args.batch), "--source", args.source], check=True)
     root, shards = prepare(args.images, args.source)
-    source = stream.TFRecordSource(shards) if args.source == "tfrecord" else stream.FolderSource(root)
-    inp = stream.StreamInput(source, size)
+    inp = training_input(f"tfrecord:{shards}" if args.source == "tfrecord" else f"folder:{root}", size, "stream")
     steps = inp.steps_per_epoch(args.batch)
-    ds = inp.worker_pairs(args.batch, aug.AugmentSpec.for_image_size(size), 0, 1, augment_on=args.augment_on)
+    ds = inp.worker_batches(args.batch, aug.AugmentSpec.for_image_size(size), 0, 1, augment_on=args.augment_on)
     rss_start = current_rss_mb()
     started = time.perf_counter()
     peak, done = rss_start, 0
-    for i, (x1, x2) in enumerate(ds):
-        x1.numpy(), x2.numpy()
+    for i, batch in enumerate(ds):
+        batch.numpy()
         done += args.batch
         peak = max(peak, peak_rss_mb())
         if i % 20 == 0:

@@ -10,8 +10,13 @@ the per-epoch cosine `adjust_learning_rate`, `lr = base_lr * batch / 256`,
 `-(cos(p1, z2.detach()).mean() + cos(p2, z1.detach()).mean()) / 2`. PyTorch starts from
 our initial weights (conv kernels HWIO -> OIHW, dense kernels transposed, BatchNorm gamma,
 beta, running mean and variance; momentum and epsilon checked equal), and both take the
-same steps on the same fixed batches of random float32 views (already normalised: the
-augmentation is not part of this comparison), on the CPU.
+same steps on the same fixed batches of random uint8 views (the augmentation is not part
+of this comparison), on the CPU: ours in the batch format every input delivers (uint8
+[B, S, S, 6], both views), which its `train_step` unpacks and normalises itself;
+PyTorch the same views normalised here exactly as `simsiam_tf.model.normalize_uint8`
+does, (x / 255 - mean) / std in float32 with ImageNet's mean and std. The views our
+step actually normalised are recorded and must match PyTorch's inputs to float32
+round-off (judged, INPUT_TOLERANCE).
 
 Two references, at every step:
 
@@ -36,9 +41,10 @@ absolutely (it lies in [-1, 1]).
 
 Our gradients are the ones `train_step` hands to `optimizer.apply_gradients`; z, p and
 the loss the tensors it passes to `losses.simsiam_loss`; the ReLU decisions the outputs
-of its ReLU layers; momentum buffers are read from the optimiser. All are recorded by
-wrapping those calls for the run (the wrappers copy tensors into variables and call the
-originals unchanged); nothing of the step is re-implemented here.
+of its ReLU layers; its normalised views the outputs of `model.normalize_uint8`;
+momentum buffers are read from the optimiser. All are recorded by wrapping those calls
+for the run (the wrappers copy tensors into variables and call the originals
+unchanged); nothing of the step is re-implemented here.
 
 Two halves talk through an .npz file. This one runs in the project's Python: it trains
 ours, writes the initial weights, the batches and our per-step results, then runs the
@@ -83,6 +89,15 @@ import time
 import numpy as np
 
 INSTALL = "python -m venv VENV && VENV/bin/pip install torch==2.14.1 torchvision==0.29.1"
+# simsiam_tf.model.normalize_uint8's constants (ImageNet's), as float32 like its tensors.
+IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
+IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
+# Largest difference allowed between the views our train_step normalised and PyTorch's
+# inputs: a few units in the last place of float32 at |x| < 3. They are not bit-equal:
+# in train_step's graph TensorFlow's constant folding turns the two divisions by
+# constants into multiplications by their reciprocals (measured: at most 7.2e-7 over all
+# 256 levels of each channel).
+INPUT_TOLERANCE = 2e-6
 PARAM_GROUPS = ("backbone conv", "backbone BN", "projector", "predictor")
 STAT_GROUPS = ("running mean", "running var")
 # Max relative difference allowed, by quantity (see the docstring for the scales).
@@ -230,15 +245,23 @@ def to_torch_layout(value: np.ndarray, layout: str) -> np.ndarray:
     return value
 
 
-def run_ours(args, views1: np.ndarray, views2: np.ndarray) -> tuple[dict, dict]:
+def normalize(views: np.ndarray) -> np.ndarray:
+    """uint8 views -> float32, as `simsiam_tf.model.normalize_uint8` computes them."""
+    return (views.astype(np.float32) / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def run_ours(args, batches: np.ndarray, inputs: tuple[np.ndarray, np.ndarray]) -> tuple[dict, dict]:
     """Our model trained `args.steps` steps by its own train_step on the fixed batches.
 
-    Returns (arrays for the .npz, facts about our side). Views are [steps, B, S, S, 3].
+    Returns (arrays for the .npz, facts about our side). `batches` are uint8 [steps, B,
+    S, S, 6] (the batch format); `inputs` the float32 views PyTorch gets, [steps, B, S, S,
+    3] each, which the views our train_step normalises are compared with.
     """
     import keras
     import tensorflow as tf
 
     from simsiam_tf import losses
+    from simsiam_tf import model as model_lib
     from simsiam_tf.config import make_config
     from simsiam_tf.model import build_simsiam
     from simsiam_tf.optim import make_optimizer
@@ -263,10 +286,12 @@ def run_ours(args, views1: np.ndarray, views2: np.ndarray) -> tuple[dict, dict]:
     dim = config.proj_dim
     out_slots = {k: tf.Variable(tf.zeros([args.batch, dim]), trainable=False) for k in ("p1", "p2", "z1", "z2")}
     loss_slot = tf.Variable(0.0, trainable=False)
-    calls = {"apply_gradients": 0}
+    view_slots = [tf.Variable(tf.zeros([args.batch, args.size, args.size, 3]), trainable=False) for _ in range(2)]
+    calls = {"apply_gradients": 0, "normalize_uint8": 0}
     optimizer = model.optimizer
     original_apply = optimizer.apply_gradients
     original_loss = losses.simsiam_loss
+    original_normalize = model_lib.normalize_uint8
 
     def recorded_apply(grads_and_vars):
         pairs = list(grads_and_vars)
@@ -276,6 +301,13 @@ def run_ours(args, views1: np.ndarray, views2: np.ndarray) -> tuple[dict, dict]:
         for g, v in pairs:
             grad_slots[id(v)].assign(g)
         return original_apply(pairs)
+
+    def recorded_normalize(images):
+        # train_step normalises view 1, then view 2: each trace writes them in that order.
+        out = original_normalize(images)
+        view_slots[calls["normalize_uint8"] % 2].assign(out)
+        calls["normalize_uint8"] += 1  # counts traces, not steps
+        return out
 
     def recorded_loss(p1, p2, z1, z2, stop_gradient=True):
         loss = original_loss(p1, p2, z1, z2, stop_gradient=stop_gradient)
@@ -306,6 +338,7 @@ def run_ours(args, views1: np.ndarray, views2: np.ndarray) -> tuple[dict, dict]:
         layer.call = recorded_call
 
     steps_seen = []
+    input_diff = []  # per step: max |the views train_step normalised - PyTorch's inputs|
 
     class Record(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -313,6 +346,7 @@ def run_ours(args, views1: np.ndarray, views2: np.ndarray) -> tuple[dict, dict]:
             steps_seen.append(int(optimizer.iterations.numpy()))
             arrays[f"ours/{s}/lr"] = np.float64(np.asarray(logs["lr"]))
             arrays[f"ours/{s}/loss"] = np.float64(loss_slot.numpy())
+            input_diff.append(max(max_abs(slot.numpy() - given[s]) for slot, given in zip(view_slots, inputs)))
             for key, slot in out_slots.items():
                 arrays[f"ours/{s}/{key}"] = slot.numpy()
             for v, name, layout in mapping:
@@ -325,14 +359,16 @@ def run_ours(args, views1: np.ndarray, views2: np.ndarray) -> tuple[dict, dict]:
                 for view, slot in enumerate(slots, 1):
                     arrays[f"ours/{s}/relu/{view}/{key}"] = pack_mask(slot.numpy())
 
-    dataset = tf.data.Dataset.from_tensor_slices((views1, views2))  # one element = one step's (x1, x2)
+    dataset = tf.data.Dataset.from_tensor_slices(batches)  # one element = one step's uint8 [B, S, S, 6]
     optimizer.apply_gradients = recorded_apply
     losses.simsiam_loss = recorded_loss
+    model_lib.normalize_uint8 = recorded_normalize
     started = time.perf_counter()
     try:
         model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[Record()])
     finally:
         losses.simsiam_loss = original_loss
+        model_lib.normalize_uint8 = original_normalize
         del optimizer.apply_gradients
         for _, layer in relus:
             del layer.call
@@ -341,6 +377,9 @@ def run_ours(args, views1: np.ndarray, views2: np.ndarray) -> tuple[dict, dict]:
         raise RuntimeError(f"expected {args.steps} steps, fit() ran optimizer iterations {steps_seen}")
     if not calls["apply_gradients"]:
         raise RuntimeError("train_step never called optimizer.apply_gradients: its gradients were not recorded")
+    if not calls["normalize_uint8"] or calls["normalize_uint8"] % 2:
+        raise RuntimeError(f"train_step called model.normalize_uint8 {calls['normalize_uint8']} times in its traces "
+                           "(expected once per view): its normalised views were not recorded")
     bns = [l for sub in (model.backbone, model.projector, model.predictor) for l in sub.layers
            if isinstance(l, keras.layers.BatchNormalization)]
     ours = {
@@ -355,6 +394,8 @@ def run_ours(args, views1: np.ndarray, views2: np.ndarray) -> tuple[dict, dict]:
         "parameters": int(sum(np.prod(v.shape) for v in trainable)),
         "relu_inputs_per_view": int(sum(np.prod(slots[0].shape) for slots in relu_slots.values())),
         "relu_calls": len(relu_slots),
+        # The views train_step normalised against PyTorch's inputs, worst over the steps.
+        "input_max_abs_diff": max(input_diff),
         # Keras momentum m keeps m of the old statistic; PyTorch's momentum is 1 - m.
         "bn": {names[id(l.moving_mean)].rsplit(".", 1)[0]: [1.0 - float(l.momentum), float(l.epsilon)] for l in bns},
         "fit_seconds": seconds,
@@ -705,6 +746,9 @@ def judge(result: dict, ours: dict) -> list[str]:
             f"parameters matched {result['parameters_matched']}, torch parameters {result['torch_parameters']}, "
             f"our trainable variables {ours['trainable_variables']}"
         )
+    if not ours["input_max_abs_diff"] <= INPUT_TOLERANCE:
+        failures.append(f"the views our train_step normalised differ from PyTorch's inputs by up to "
+                        f"{_e(ours['input_max_abs_diff'])} (> {INPUT_TOLERANCE:g})")
     if result["relu_calls_matched"] != ours["relu_calls"]:
         failures.append(f"ReLU calls matched {result['relu_calls_matched']} of our {ours['relu_calls']}")
     for step in result["steps"]:
@@ -833,11 +877,12 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import machine  # noqa: E402  (adds the repository to sys.path; quiets TF's C++ logs)
 
+    # Random uint8 views in the batch format (view 1 in channels 0-2, view 2 in 3-5);
+    # PyTorch gets them normalised as our train_step normalises them.
     rng = np.random.default_rng(args.seed)
-    shape = (args.steps, args.batch, args.size, args.size, 3)
-    views1 = rng.standard_normal(shape, dtype=np.float32)
-    views2 = rng.standard_normal(shape, dtype=np.float32)
-    arrays, ours = run_ours(args, views1, views2)
+    batches = rng.integers(0, 256, (args.steps, args.batch, args.size, args.size, 6), dtype=np.uint8)
+    views1, views2 = normalize(batches[..., :3]), normalize(batches[..., 3:])
+    arrays, ours = run_ours(args, batches, (views1, views2))
     meta = {
         "width": args.width, "dim": args.dim, "pred_dim": args.pred_dim, "proj_layers": 2, "batch": args.batch,
         "steps": args.steps, "steps_per_epoch": args.steps_per_epoch, "epochs": ours["epochs"],
@@ -876,7 +921,8 @@ def main(argv=None) -> int:
           f"({ours['parameters']:,} parameters), {args.steps} steps in {ours['fit_seconds']:.1f} s; PyTorch "
           f"{result['torch']}: {result['torch_parameters']} parameters ({result['torch_parameter_count']:,}), "
           f"{result['torch_state_tensors']} state tensors, {result['relu_calls_matched']} ReLU calls; float32 run "
-          f"{seconds['float32 run']:.1f} s, float64 steps {seconds['float64 at our state']:.1f} s")
+          f"{seconds['float32 run']:.1f} s, float64 steps {seconds['float64 at our state']:.1f} s; inputs: the "
+          f"same uint8 views, normalised by our train_step and for PyTorch {ours['input_max_abs_diff']:.1e} apart")
     print_report(result)
     failures = judge(result, ours)
     worst = summary(result)

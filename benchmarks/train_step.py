@@ -7,12 +7,13 @@ Times are medians over the timed steps, after `warmup` steps that trace and comp
     python benchmarks/train_step.py --preset imagenet --batch 32 --precision float32 --xla off   # ResNet-50, 224 px
 
 For float32 and bfloat16, with XLA off and on, in one process:
-- fit step: `SimSiam.train_step` through `fit()`, as training runs it (both views
-  through backbone, projector and predictor, the symmetric loss, gradients, the SGD
-  update), timed per step by a callback;
+- fit step: `SimSiam.train_step` through `fit()`, as training runs it, on one batch
+  of random uint8 views in the batch format ([B, S, S, 6]: unpacking and normalising
+  them, both views through backbone, projector and predictor, the symmetric loss,
+  gradients, the SGD update), timed per step by a callback;
 - direct step: the same `train_step` called in a `tf.function`, without `fit()`;
-- backbone: the same backbone's forward and backward pass on the same two views
-  (gradient of the sum of its features), nothing else.
+- backbone: the same backbone's forward and backward pass on the same two views,
+  normalised beforehand (gradient of the sum of its features), nothing else.
 The ratio step / backbone is the cost of SimSiam's heads, loss and update; the target
 is at most 1.15. Speeds are view pairs per second (one pair = two images at the preset's size).
 
@@ -48,7 +49,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from simsiam_tf.config import make_config  # noqa: E402
-from simsiam_tf.model import build_simsiam  # noqa: E402
+from simsiam_tf.input.batches import unpack  # noqa: E402
+from simsiam_tf.model import build_simsiam, normalize_uint8  # noqa: E402
 from simsiam_tf.optim import make_optimizer  # noqa: E402
 
 
@@ -58,9 +60,9 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
     model = build_simsiam(config)
     model.compile(optimizer=make_optimizer(model, config, steps_per_epoch=100), jit_compile=jit)
     size = config.image_size
-    x1 = tf.random.normal([batch, size, size, 3], seed=1)
-    x2 = tf.random.normal([batch, size, size, 3], seed=2)
-    ds = tf.data.Dataset.from_tensors((x1, x2)).repeat()
+    # The batch format: both views in one uint8 [B, S, S, 6] tensor, as every input delivers.
+    views = tf.cast(tf.random.uniform([batch, size, size, 6], 0, 256, tf.int32, seed=1), tf.uint8)
+    ds = tf.data.Dataset.from_tensors(views).repeat()
     # One fit() call, as in training, timed per step by a callback: every separate fit()
     # call can retrace the train function (measured: +20 s on the second call), which
     # is not a cost of the step.
@@ -71,9 +73,10 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
     # The same train_step called directly in a tf.function: SimSiam's own cost without
     # the per-step work of Keras's fit() loop (iterator, callbacks, metrics plumbing).
     direct_step = tf.function(model.train_step, jit_compile=jit)
-    direct = median_seconds(lambda: direct_step((x1, x2))["loss"].numpy(), warmup, steps)
+    direct = median_seconds(lambda: direct_step(views)["loss"].numpy(), warmup, steps)
 
     backbone = model.backbone
+    x1, x2 = (normalize_uint8(x) for x in unpack(views))  # the float views train_step makes
 
     @tf.function(jit_compile=jit)
     def forward_backward(a, b):

@@ -1,182 +1,23 @@
-"""Keras callbacks for a training run: crash-safe backups, kNN, best checkpoint,
-TensorBoard, summary.json, one job each.
+"""Keras callbacks that watch and report a training run: divergence, collapse, kNN,
+TensorBoard and summary.json, one job each.
 
-Where each file goes is described in `simsiam_tf.rundir`.
+Checkpoints are `checkpoints`'s; what an input watches (undecodable images, the tf.data
+service's deliveries) comes with the input (`input.contract.TrainingInput.callbacks`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import threading
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from simsiam_tf import augment as aug
 from simsiam_tf.config import write_json_atomic
 from simsiam_tf.diagnostics import knn
-
-from simsiam_tf.rundir import BEST_DIR, WEIGHTS_FILE
-
-
-def _save_weights_atomic(model: keras.Model, path: str) -> None:
-    """Write weights to a temporary file beside `path`, then rename it into place."""
-    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-    model.save_weights(tmp, overwrite=True)
-    os.replace(tmp, path)
-
-
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras BackupAndRestore whose files are never left half-written.
-
-    Keras writes the weights and the epoch metadata in place; a kill during the write
-    leaves a truncated file that the next start fails to load. Here both are written to
-    temporary files and renamed, weights first, so the metadata never names an epoch
-    whose weights are not complete.
-    """
-
-    def __init__(self, backup_dir: str, restore_dir: str | None = None):
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
-        # Under multi-worker training every worker saves its own copy, but all restore
-        # the chief's: the copies are identical, and one source means every worker
-        # resumes at the same epoch even if a crash hit between their saves.
-        self.restore_dir = restore_dir or backup_dir
-
-    def _load_model(self):
-        own = (self._weights_path, self._training_metadata_path)
-        self._weights_path = os.path.join(self.restore_dir, os.path.basename(own[0]))
-        self._training_metadata_path = os.path.join(self.restore_dir, os.path.basename(own[1]))
-        try:
-            super()._load_model()
-        finally:
-            self._weights_path, self._training_metadata_path = own
-
-    def on_epoch_end(self, epoch, logs=None):
-        # Saved by `SaveBackup`, placed after the callbacks that write summary.json, so
-        # the summary is never behind the backup (a kill between the two would lose the
-        # epoch's record from the resumed run's history); restored here at train begin,
-        # before any callback evaluates the model.
-        self._current_epoch = epoch + 1
-        self._last_batch_seen = 0
-
-    def _save_model(self):
-        if getattr(self.model, "diverged", None):
-            return  # keep the last good state, never a NaN one
-        os.makedirs(self.backup_dir, exist_ok=True)
-        _save_weights_atomic(self.model, self._weights_path)
-        write_json_atomic(
-            self._training_metadata_path,
-            {"epoch": self._current_epoch, "batch": self._last_batch_seen},
-        )
-
-
-class SaveBackup(keras.callbacks.Callback):
-    """Writes `backup`'s state at the end of every epoch (see AtomicBackupAndRestore)."""
-
-    def __init__(self, backup: AtomicBackupAndRestore):
-        super().__init__()
-        self.backup = backup
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.backup._save_model()
-
-
-def completed_epochs(backup_dir: str) -> int:
-    """Epochs finished according to a BackupAndRestore directory (0 if none)."""
-    path = os.path.join(backup_dir, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f)["epoch"])
-
-
-class FeatureExtractor:
-    """Backbone features (float32 [N, F]) of uint8 images, with the evaluation preprocessing."""
-
-    def __init__(self, backbone: keras.Model, image_size: int, batch_size: int = 256):
-        self.backbone = backbone
-        self.batch_size = batch_size
-        self.dim = backbone.output.shape[-1]
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
-        def embed(x):
-            return tf.cast(backbone(aug.eval_preprocess(x, image_size), training=False), tf.float32)
-
-        self._embed = embed
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = [
-            self._embed(tf.constant(images[i : i + self.batch_size])).numpy()
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return np.concatenate(out) if out else np.zeros([0, self.dim], np.float32)
-
-    def embed_split(self, split) -> tuple[np.ndarray, np.ndarray | None]:
-        """Features and labels of an evaluation split (`data.ArrayEvalImages` or
-        `stream.StreamEvalImages`), batch by batch, so a streamed split is never held."""
-        features, labels = [], []
-        for images, batch_labels in split.batches(self.batch_size):
-            features.append(self._embed(tf.constant(images)).numpy())
-            labels.append(batch_labels)
-        if not features:
-            return np.zeros([0, self.dim], np.float32), None
-        return np.concatenate(features), None if labels[0] is None else np.concatenate(labels)
-
-
-def calibrate_batchnorm(backbone: keras.Model, split, image_size: int, steps: int = 30, batch_size: int = 256):
-    """Estimate BatchNorm's moving statistics from data without changing any weight.
-
-    A freshly initialised network has moving mean 0 and variance 1, so its inference-mode
-    features are not normalised at all, and kNN on them understates what random features
-    can do. Running the backbone in training mode updates only the moving statistics
-    (momentum 0.9: after 30 steps, 4% of the initial values remain). Training itself is
-    unaffected: in training mode BatchNorm uses batch statistics.
-
-    `split` is an evaluation split (`calibration_batches`).
-    """
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
-    def forward(x):
-        backbone(aug.eval_preprocess(x, image_size), training=True)
-
-    for images in split.calibration_batches(steps, batch_size):
-        forward(tf.constant(images))
-
-
-class KnnProbe:
-    """kNN top-1 of the backbone's features: bank = train split, queries = the test
-    split and, when there is one, the validation split.
-
-    `bank` and the query splits are evaluation splits (`data.ArrayEvalImages` in memory,
-    `stream.StreamEvalImages` read from disk at every evaluation).
-    """
-
-    def __init__(self, bank, test, image_size: int, k: int, temperature: float, num_classes: int | None = None,
-                 val=None):
-        self.bank = bank
-        self.queries = {"test": test} if val is None else {"val": val, "test": test}
-        self.num_classes = num_classes
-        self.image_size = image_size
-        self.k = k
-        self.temperature = temperature
-        self._extractors = {}
-
-    def __call__(self, backbone: keras.Model) -> dict[str, float]:
-        """Top-1 per query split: {"test": ..., "val": ...} (no "val" without one)."""
-        if id(backbone) not in self._extractors:
-            self._extractors[id(backbone)] = FeatureExtractor(backbone, self.image_size)
-        extract = self._extractors[id(backbone)]
-        bank, bank_labels = extract.embed_split(self.bank)
-        top1 = {}
-        for name, split in self.queries.items():
-            queries, labels = extract.embed_split(split)
-            num_classes = max(self.num_classes or 0, int(max(bank_labels.max(), labels.max())) + 1)
-            top1[name] = knn.knn_accuracy(bank, bank_labels, queries, labels, num_classes, self.k, self.temperature)
-        return top1
+from simsiam_tf.diagnostics.embed import calibrate_batchnorm
 
 
 class DivergenceGuard(keras.callbacks.Callback):
@@ -302,7 +143,7 @@ class KnnMonitor(keras.callbacks.Callback):
     evaluates.
     """
 
-    def __init__(self, probe: KnnProbe, every: int, epochs: int, initial_epoch: int = 0, is_chief: bool = True,
+    def __init__(self, probe: knn.KnnProbe, every: int, epochs: int, initial_epoch: int = 0, is_chief: bool = True,
                  initial_top1: float | None = None):
         super().__init__()
         self.probe = probe
@@ -338,44 +179,6 @@ class KnnMonitor(keras.callbacks.Callback):
             print(line, flush=True)
 
 
-class BestCheckpoint(keras.callbacks.Callback):
-    """Keeps the weights with the best `logs["knn_val_top1"]` in checkpoints/best/.
-
-    Chosen on the validation split, never on the test split it is reported on, and never
-    by the self-supervised loss, which a collapsed model minimises. Adds
-    `knn_val_top1_best`, `knn_best_epoch` and `knn_top1_val_selected` (the chosen
-    checkpoint's test top-1) to every epoch's logs once a result exists.
-    """
-
-    def __init__(self, logdir: str, is_chief: bool = True, previous: dict | None = None):
-        super().__init__()
-        self.logdir = logdir
-        self.is_chief = is_chief
-        previous = previous or {}
-        self.best = previous.get("knn_val_top1_best")
-        self.best_epoch = previous.get("knn_best_epoch") if self.best is not None else None
-        self.test_at_best = previous.get("knn_top1_val_selected") if self.best is not None else None
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None or _diverged(self.model):
-            return
-        val = logs.get("knn_val_top1")
-        if val is not None and (self.best is None or val > self.best):
-            self.best, self.best_epoch, self.test_at_best = val, epoch + 1, logs.get("knn_top1")
-            if self.is_chief:
-                best_dir = os.path.join(self.logdir, BEST_DIR)
-                os.makedirs(best_dir, exist_ok=True)
-                _save_weights_atomic(self.model, os.path.join(best_dir, WEIGHTS_FILE))
-                write_json_atomic(
-                    os.path.join(best_dir, "info.json"),
-                    {"epoch": epoch + 1, "selected_on": "val", "knn_val_top1": val, "knn_top1": self.test_at_best},
-                )
-        if self.best is not None:
-            logs["knn_val_top1_best"] = self.best
-            logs["knn_best_epoch"] = self.best_epoch
-            logs["knn_top1_val_selected"] = self.test_at_best
-
-
 class TensorBoardLogger(keras.callbacks.Callback):
     """TensorBoard scalars and the preview of augmented views.
 
@@ -383,16 +186,16 @@ class TensorBoardLogger(keras.callbacks.Callback):
     epoch/z_std, epoch/lr; knn/test_top1 (the model of that epoch; step 0 = before
     training), knn/val_top1, and knn/test_top1_val_selected (the test top-1 of the
     checkpoint the validation split has chosen so far); data/skipped_images when files
-    could not be decoded; images views/pairs (view 1 | view 2 per row). Written by the
-    chief only.
+    could not be decoded; images views/pairs (view 1 | view 2 per row, from a batch in
+    the input's batch format). Written by the chief only.
     """
 
-    def __init__(self, logdir: str, steps_per_epoch: int, log_every: int, view_pairs=None,
+    def __init__(self, logdir: str, steps_per_epoch: int, log_every: int, views=None,
                  knn: KnnMonitor | None = None, is_chief: bool = True):
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
         self.log_every = log_every
-        self.view_pairs = view_pairs
+        self.views = views
         self.knn = knn
         self.writer = tf.summary.create_file_writer(os.path.join(logdir, "tb")) if is_chief else None
 
@@ -406,12 +209,10 @@ class TensorBoardLogger(keras.callbacks.Callback):
             return
         if self.knn is not None and self.knn.initial_epoch == 0:
             self._scalar("knn/test_top1", self.knn.initial_top1, 0)
-        if self.view_pairs is not None:
-            x1, x2 = self.view_pairs
-            mean, std = np.array(aug.IMAGENET_MEAN), np.array(aug.IMAGENET_STD)
-            pairs = np.concatenate([x1, x2], axis=2) * std + mean
+        if self.views is not None:
+            pairs = np.concatenate([self.views[..., :3], self.views[..., 3:]], axis=2)
             with self.writer.as_default():
-                tf.summary.image("views/pairs", np.clip(pairs, 0, 1), step=0, max_outputs=len(pairs))
+                tf.summary.image("views/pairs", pairs, step=0, max_outputs=len(pairs))
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
@@ -440,138 +241,6 @@ class TensorBoardLogger(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.writer is not None:
             self.writer.flush()
-
-
-class SkippedImages(keras.callbacks.Callback):
-    """Counts images the input could not decode while training (`skipped_in_training`),
-    as `logs["skipped_images"]`, with one warning line whenever the count grows."""
-
-    def __init__(self, training_input, previous: int = 0):
-        super().__init__()
-        self.input = training_input
-        self.previous = previous  # from the summary of the run being resumed
-        self._warned = 0
-
-    def on_epoch_end(self, epoch, logs=None):
-        now = self.input.skipped_in_training()
-        if now > self._warned:
-            print(
-                f"\nwarning: {now - self._warned} image(s) could not be decoded in epoch {epoch + 1} and were "
-                f"skipped ({now} so far); the epoch was topped up with other images",
-                file=sys.stderr,
-                flush=True,
-            )
-            self._warned = now
-        if logs is not None:
-            logs["skipped_images"] = self.previous + now
-
-
-class ServiceDelivery(keras.callbacks.Callback):
-    """Images the tf.data service did not deliver, per epoch of the data stream, as
-    `logs["images_missed"]` (the run's total), with one warning line per short epoch.
-
-    The service streams the whole run without breaks (`data_service`), so the images of
-    a data epoch reach the trainer a little before or after the training epoch of the
-    same number. A data epoch is counted once all its images have arrived, or once a
-    whole training epoch has gone by in which none of its images arrived while later
-    ones did: images still on their way would have kept arriving. Missed images were
-    held by a worker that stopped, or could not be decoded.
-    """
-
-    def __init__(self, service_input, initial_epoch: int, previous: int = 0, is_chief: bool = True):
-        super().__init__()
-        self.input = service_input
-        self.next_epoch = initial_epoch  # the first data epoch not yet counted (0-based)
-        self.missed = previous
-        self.is_chief = is_chief
-        self._before = None  # images received per data epoch at the previous epoch end
-
-    def on_train_begin(self, logs=None):
-        self.input.reset_delivered()
-
-    def count_closed(self, strategy=None) -> list[tuple[int, int]]:
-        """(data epoch, images received) of the data epochs that closed since the last call."""
-        received = self.input.delivered(strategy)
-        if received is None:
-            return []
-        closed = []
-        while self.next_epoch < len(received) - 1:
-            d = self.next_epoch
-            complete = received[d] >= self.input.num_train
-            stalled = self._before is not None and received[d] == self._before[d] and received[d + 1:].sum() > 0
-            if not (complete or stalled):
-                break
-            closed.append((d, int(received[d])))
-            self.next_epoch += 1
-        self._before = received.copy()
-        return closed
-
-    def on_epoch_end(self, epoch, logs=None):
-        total = self.input.num_train
-        for data_epoch, got in self.count_closed(self.model.distribute_strategy):
-            self.missed += total - got
-            if got < total and self.is_chief:
-                print(
-                    f"\nwarning: the tf.data service delivered {got:,} of the {total:,} images of epoch "
-                    f"{data_epoch + 1}: {total - got:,} missed (held by a service worker that stopped, or "
-                    "undecodable); training went on with the rest",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        if logs is not None:
-            logs["images_missed"] = self.missed
-
-
-class DispatcherWatchdog(keras.callbacks.Callback):
-    """Stops the process when the tf.data service dispatcher has been unreachable for
-    `grace_s` seconds during training.
-
-    Without its dispatcher the service hands out no new work and TensorFlow's client
-    waits for it for an hour inside `fit`, where Python cannot interrupt it; a dispatcher
-    back within the grace period (fault-tolerant mode recovers its jobs) lets training go
-    on untouched. Otherwise the process prints one line and exits with code
-    `data_service.EXIT_DISPATCHER_LOST`: checkpoints are written by rename, so the last
-    one is intact, and `--resume` continues once the dispatcher is back.
-    """
-
-    def __init__(self, target: str, grace_s: float, backup_dir: str, logdir: str, poll_s: float = 2.0, exit=os._exit):
-        super().__init__()
-        self.target, self.grace_s, self.poll_s = target, grace_s, poll_s
-        self.backup_dir, self.logdir = backup_dir, logdir
-        self._exit = exit
-        self._stop = threading.Event()
-        self._thread = None
-
-    def _watch(self):
-        from simsiam_tf import data_service
-
-        _, host, port = data_service.split_target(self.target)
-        lost_since = None
-        while not self._stop.wait(self.poll_s):
-            if data_service.reachable(host, port):
-                lost_since = None
-                continue
-            lost_since = lost_since or time.monotonic()
-            if time.monotonic() - lost_since >= self.grace_s:
-                print(
-                    f"\ntrain.py: error: the tf.data service dispatcher at {host}:{port} has been unreachable "
-                    f"for {self.grace_s:.0f} s; training stopped. The last complete checkpoint (epoch "
-                    f"{completed_epochs(self.backup_dir)}) is intact in {self.backup_dir}. Restart the "
-                    f"dispatcher with the same --work-dir, then run: python train.py --resume {self.logdir}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                sys.stdout.flush()
-                self._exit(data_service.EXIT_DISPATCHER_LOST)
-                return
-
-    def on_train_begin(self, logs=None):
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, daemon=True, name="dispatcher-watchdog")
-        self._thread.start()
-
-    def on_train_end(self, logs=None):
-        self._stop.set()
 
 
 class RunSummary(keras.callbacks.Callback):

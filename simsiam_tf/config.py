@@ -14,24 +14,15 @@ import os
 import tempfile
 from typing import Any
 
-
-class UsageError(Exception):
-    """Bad input from the user: the message names the problem and the fix (exit code 2)."""
-
-
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite; training stopped, the last good checkpoint kept (exit 3)."""
-
-
-class OutOfMemory(Exception):
-    """Training ran out of memory; the message names a smaller --batch-size (exit 4)."""
+# The run's failures, each with its exit code in train.py (errors.py says which).
+from simsiam_tf.errors import OutOfMemory, TrainingDiverged, UsageError  # noqa: F401
 
 
 BACKBONES = ("resnet18", "resnet50")
 METHODS = ("simsiam", "simclr")
 PRECISIONS = ("float32", "bfloat16", "auto")  # auto: resolved by distribute.resolve_precision
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-INPUTS = ("auto", "memory", "stream")  # auto: resolved by inputs.resolve_input
+INPUTS = ("auto", "memory", "stream")  # auto: resolved by input.resolve_input
 AUGMENT_ON = ("host", "device")
 
 
@@ -81,12 +72,12 @@ class TrainConfig:
     # anything). A TFDS dataset's own validation split is used where it has one beside
     # its test split. 0 = no validation split and no best checkpoint.
     val_fraction: float = 0.1
-    # Input (simsiam_tf.inputs): decoded in memory, or streamed from disk; and where
+    # Input (simsiam_tf.input): decoded in memory, or streamed from disk; and where
     # the flip, colour and blur steps of the augmentation run (tf.data on the host, or
     # inside train_step on each replica's device).
     input: str = "auto"
     augment_on: str = "host"
-    # The tf.data service (simsiam_tf.data_service): the dispatcher's grpc://HOST:PORT
+    # The tf.data service (simsiam_tf.input.service): the dispatcher's grpc://HOST:PORT
     # ("" = the input pipeline runs in the trainer), and how long the dispatcher may be
     # unreachable mid-run before training stops. Both may change when a run resumes.
     data_service: str = ""
@@ -199,20 +190,23 @@ def choose_preset(dataset: str, image_size: int | None = None) -> tuple[str, str
     prepare.py recorded in their index.json (`image_sizes.index_median_size`; cifar
     when there is none).
     """
+    from simsiam_tf.input.catalog import parse_dataset
+
     small = f"≤ {SMALL_IMAGE_SIDE} px"
-    if dataset == "digits":
+    ref = parse_dataset(dataset)
+    if ref.kind == "digits":
         return "digits", "--dataset digits, the bundled offline default"
-    if dataset.startswith("imagenet"):
+    if ref.kind == "tfds" and dataset.startswith("imagenet"):
         return "imagenet", f"--dataset {dataset}: the paper's ImageNet recipe"
-    local = dataset.startswith(("folder:", "tfrecord:"))
+    local = ref.kind in ("folder", "tfrecord")
     if local and image_size is not None:
         if image_size <= SMALL_IMAGE_SIDE:
             return "cifar", f"--image-size {image_size} {small}: the CIFAR ResNet-18 recipe; --preset overrides"
         return "imagenet", f"--image-size {image_size} > {SMALL_IMAGE_SIDE} px: the ResNet-50 recipe; --preset overrides"
-    if dataset.startswith("folder:"):
+    if ref.kind == "folder":
         from simsiam_tf.image_sizes import median_size
 
-        found = median_size(dataset[len("folder:"):])
+        found = median_size(ref.location)
         if found is None:
             return "cifar", f"{dataset}: no image size could be read"
         preset = "cifar" if found.shorter <= SMALL_IMAGE_SIDE else "imagenet"
@@ -220,10 +214,10 @@ def choose_preset(dataset: str, image_size: int | None = None) -> tuple[str, str
             f"{dataset}: median image {found.width}x{found.height} px over {found.read} sampled files; "
             f"images with a shorter side {small} get cifar at 32 px, larger imagenet at 224 px; --preset/--image-size override"
         )
-    if dataset.startswith("tfrecord:"):
+    if ref.kind == "tfrecord":
         from simsiam_tf.image_sizes import index_median_size
 
-        found = index_median_size(dataset[len("tfrecord:"):])
+        found = index_median_size(ref.location)
         if found is None:
             return "cifar", (
                 f"{dataset}: no index.json with image sizes (prepare.py writes one), so the sizes are only inside "

@@ -12,7 +12,8 @@ import dataclasses
 import os
 import statistics
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # the files simsiam_tf.data reads from a folder
+from simsiam_tf.input.catalog import image_files, train_root
+
 SAMPLE_FILES = 200
 
 
@@ -36,18 +37,12 @@ class SizeSample:
 def sample_files(path: str, count: int = SAMPLE_FILES) -> list[str]:
     """Up to `count` image files of the folder dataset PATH, the same ones every time.
 
-    The training split is PATH/train when it exists, else PATH (as `data.scan_folder`
-    reads it); its image files are sorted by path (symlinked directories not followed)
-    and `count` of them taken at even spacing, so every class folder is represented in
-    proportion to its size. Returns [] for a missing or empty folder.
+    The training split's image files as `input.catalog` finds them (PATH/train, else
+    PATH; sorted, symlinked directories not followed), `count` of them taken at even
+    spacing, so every class folder is represented in proportion to its size. Returns []
+    for a missing or empty folder.
     """
-    root = os.path.join(path, "train")
-    if not os.path.isdir(root):
-        root = path
-    files = []
-    for directory, dirs, names in os.walk(root, followlinks=False):
-        dirs.sort()
-        files.extend(os.path.join(directory, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
+    files = image_files(train_root(path)) if os.path.isdir(path) else []
     if len(files) <= count:
         return files
     return [files[i * len(files) // count] for i in range(count)]

@@ -31,6 +31,7 @@ import keras
 import tensorflow as tf
 
 from simsiam_tf import losses
+from simsiam_tf.input import batches
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -313,18 +314,13 @@ def normalize_uint8(images: tf.Tensor) -> tf.Tensor:
     return (tf.cast(images, tf.float32) / 255.0 - mean) / std
 
 
-def split_views(data):
-    """(x1, x2) from a pair of batches, or from one [B, H, W, 6] tensor of stacked views."""
-    if isinstance(data, (tuple, list)):
-        return data
-    return data[..., :3], data[..., 3:]
-
-
 class TwoViewModel(keras.Model):
     """What SimSiam and its contrastive baseline share: the training step around a loss.
 
-    `train_step` takes a batch of two views (x1, x2) of the same images, finishes their
-    augmentation where `--augment-on device` asks, and minimises `pair_loss(x1, x2)`,
+    `train_step` takes a batch in the input's one format (`input.batches`: uint8 views
+    of the same images, stacked on channels), finishes their augmentation where
+    `--augment-on device` asks (`view_augment`), normalises them, and minimises
+    `pair_loss(x1, x2)`,
     which the method defines; everything else (the update, the replica scaling, the
     logged loss, z_std and lr) is the same for every method, so that two runs differ
     only in the method. Subclasses: `SimSiam`, `SimCLR`.
@@ -366,15 +362,11 @@ class TwoViewModel(keras.Model):
         return self.view_augment(x1, seed=seed1), self.view_augment(x2, seed=seed2)
 
     def train_step(self, data):
-        x1, x2 = split_views(data)
-        if x1.dtype == tf.int32:  # uint8 views stacked for MultiWorkerMirroredStrategy (data.distribute_pairs)
-            x1, x2 = tf.cast(x1, tf.uint8), tf.cast(x2, tf.uint8)
-        if self.view_augment is not None:
+        x1, x2 = batches.unpack(data)
+        if self.view_augment is not None:  # --augment-on device: the views are the crops
             x1, x2 = self.augment_views(x1, x2)
-        elif x1.dtype == tf.uint8:
-            # Augmented views sent as uint8 by the tf.data service (`uint8_out` in augment):
-            # normalised here, on the replica's device, not on the receiving host's CPU.
-            x1, x2 = (normalize_uint8(x) for x in (x1, x2))
+        else:  # augmented on the host: normalised here, on the replica's device
+            x1, x2 = normalize_uint8(x1), normalize_uint8(x2)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             loss, z1 = self.pair_loss(x1, x2)

@@ -52,11 +52,11 @@ def check_logdir(logdir: str, resume: bool) -> None:
         raise UsageError(f"--logdir {logdir!r} cannot be written ({existing!r} is not a writable directory)")
 
 
-def completed_epochs(logdir: str) -> int:
-    """Epochs the run in `logdir` has finished, from its backup's metadata (0 if none)."""
-    path = os.path.join(logdir, LAST_DIR, "training_metadata.json")
+def completed_epochs(backup_dir: str) -> int:
+    """Epochs finished according to a BackupAndRestore directory (`LAST_DIR` of a run,
+    or a worker's own copy); 0 when it holds none or cannot be read."""
     try:
-        with open(path) as f:
+        with open(os.path.join(backup_dir, "training_metadata.json")) as f:
             return int(json.load(f)["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
@@ -84,7 +84,7 @@ def resolve_resume(logdir: str, explicit: dict, announce=print) -> TrainConfig:
     config = config.replace(**runtime)
     if not changed:
         return config
-    start = completed_epochs(logdir) + 1
+    start = completed_epochs(os.path.join(logdir, LAST_DIR)) + 1
     record = {"from_epoch": start, **{k: {"from": saved[k], "to": v} for k, v in changed.items()}}
     config = config.replace(**changed, resume_changes=(*config.resume_changes, record))
     validate(config)

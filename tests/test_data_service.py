@@ -1,4 +1,5 @@
-"""The tf.data service path (simsiam_tf.data_service), on loopback only.
+"""The tf.data service path (simsiam_tf.input.service and the servers of
+simsiam_tf.data_service), on loopback only.
 
 A dispatcher runs in this process (or as a subprocess where a test kills it) and the
 workers run as subprocesses started by `python -m simsiam_tf.data_service worker`, so
@@ -20,8 +21,10 @@ import tensorflow as tf
 from PIL import Image
 
 from simsiam_tf import augment as aug
-from simsiam_tf import callbacks as cb
-from simsiam_tf import data_service, stream
+from simsiam_tf import data_service
+from simsiam_tf import input as input_lib
+from simsiam_tf.config import make_config
+from simsiam_tf.input import decode, service
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -83,12 +86,12 @@ def cluster(tmp_path):
 
 
 def _service_input(folder, target, job):
-    source = stream.FolderSource(str(folder))
-    return data_service.ServiceInput(stream.StreamInput(source, 16), target, job)
+    config = make_config("digits", dataset=f"folder:{folder}", image_size=16, input="stream", val_fraction=0.0)
+    return service.ServiceInput(input_lib.open_input(config)[0], target, job)
 
 
 def _read(inp, local_batch, epochs):
-    """The raw stream the trainers read: batches of (x1, x2, epoch, image id)."""
+    """The raw stream the trainers read: (batch, epoch, image id), the batch in the one format."""
     dataset_id, spec = inp.connect(local_batch, SPEC, seed=3, epochs=epochs, augment_on="device")
     ds = tf.data.experimental.service.from_dataset_id(
         processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=inp.target,
@@ -103,8 +106,8 @@ def test_one_epoch_delivers_every_image_of_a_folder_exactly_once(cluster, tmp_pa
     seen = []
     # Two epochs and the reserve: epoch 1 completes long before the stream's end, where
     # each worker drops its last partial batch (training never reads that far).
-    for x1, x2, epoch, ids in _read(inp, 50, epochs=2):
-        assert x1.dtype == tf.uint8 and x1.shape == (50, 16, 16, 3)  # device mode: the crops
+    for batch, epoch, ids in _read(inp, 50, epochs=2):
+        assert batch.dtype == tf.uint8 and batch.shape == (50, 16, 16, 6)  # device mode: the crops
         seen += zip(epoch.numpy().tolist(), ids.numpy().tolist())
         if sum(1 for e, _ in seen if e == 0) == 1000 or len(seen) >= 2500:
             break
@@ -129,9 +132,9 @@ def test_a_worker_killed_mid_epoch_costs_only_its_images_and_they_are_counted(cl
         def delivered(strategy=None):
             return received.copy()
 
-    delivery = cb.ServiceDelivery(Counts, initial_epoch=0)
+    delivery = service.ServiceDelivery(Counts, initial_epoch=0)
     seen, closed = [], []
-    for i, (_, _, epoch, ids) in enumerate(_read(inp, 25, epochs=2)):
+    for i, (_, epoch, ids) in enumerate(_read(inp, 25, epochs=2)):
         if i == 4:
             cluster.workers[0].kill()  # as a host lost mid-epoch
         seen += zip(epoch.numpy().tolist(), ids.numpy().tolist())
@@ -149,19 +152,23 @@ def test_a_worker_killed_mid_epoch_costs_only_its_images_and_they_are_counted(cl
     assert closed[0] == (0, len(epoch0))
 
 
-def test_host_views_sent_as_uint8_are_the_in_process_views_within_half_a_grey_level(tmp_path):
+def test_host_views_are_the_float_augmentation_rounded_to_whole_grey_levels(tmp_path):
+    # Every path sends uint8 views (the batch format): the augmentation computed in float,
+    # rounded to whole grey levels, then normalised on the device.
     from simsiam_tf.model import normalize_uint8
 
     folder = _folder(tmp_path / "images", 4, side=40)
     raw = tf.io.read_file(str(sorted((folder / "train" / "class0").iterdir())[0]))
+    step = 1 / (255 * np.array(aug.IMAGENET_STD))  # one grey level, normalised
     for seed in range(8):  # flips, jitter, grayscale and blur drawn differently
         seed = tf.constant([seed, 2], tf.int64)
-        in_process = stream.image_views(raw, seed, SPEC, "host")
-        sent = stream.image_views(raw, seed, SPEC, "host", uint8_out=True)
-        assert all(v.dtype == tf.uint8 for v in sent)
-        step = 1 / (255 * np.array(aug.IMAGENET_STD))  # one grey level, normalised
-        for before, after in zip(in_process, sent):
-            assert np.all(np.abs(normalize_uint8(after).numpy() - before.numpy()) <= step / 2 + 1e-5)
+        sent = decode.image_views(raw, seed, SPEC, "host")
+        assert sent.dtype == tf.uint8 and sent.shape == (2, 16, 16, 3)
+        crop_seed, seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        crops = decode.decode_crops(raw, crop_seed, SPEC)
+        for view, view_seed in ((0, seed1), (1, seed2)):
+            in_float = aug.photometric_image(crops[view], aug.image_params(view_seed, SPEC), SPEC)
+            assert np.all(np.abs(normalize_uint8(sent[view]).numpy() - in_float.numpy()) <= step / 2 + 1e-5)
 
 
 def test_a_server_whose_shutdown_hangs_still_exits_after_the_grace():

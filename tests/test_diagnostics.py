@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from simsiam_tf import training
-from simsiam_tf.callbacks import FeatureExtractor
+from simsiam_tf.diagnostics.embed import FeatureExtractor
 from simsiam_tf.config import make_config
 from simsiam_tf.diagnostics import linear_probe, probe, projector
 from simsiam_tf.model import build_simsiam
@@ -75,13 +75,13 @@ def test_probe_images_are_a_fixed_subset():
 
 
 def test_records_every_n_epochs_and_after_the_last(run_dir):
-    from simsiam_tf.data import load
+    from simsiam_tf.input import split_images
 
     records = probe.read_records(run_dir)
     assert [r["epoch"] for r in records] == [2, 3]
     # Full batches of the images it trains on: the 64, less the validation split held out.
     config = _tiny()
-    steps = len(load("digits", 32, train_limit=64, val_fraction=config.val_fraction).train_images) // 32
+    steps = len(split_images(train_limit=64, val_fraction=config.val_fraction)[0]) // 32
     assert [r["step"] for r in records] == [2 * steps, 3 * steps]
     for r in records:
         assert set(probe.SCALARS) <= set(r)
@@ -97,12 +97,12 @@ def test_records_every_n_epochs_and_after_the_last(run_dir):
 
 
 def test_recorded_diagnostics_are_those_of_the_final_model(run_dir):
-    from simsiam_tf.data import load
+    from simsiam_tf.input import split_images
     from simsiam_tf.export import load_run
 
     config, model, _ = load_run(run_dir, "last")
     # The training split the run trained on, its validation images held out.
-    images = load("digits", 32, train_limit=config.train_limit, val_fraction=config.val_fraction).train_images
+    images, _ = split_images(train_limit=config.train_limit, val_fraction=config.val_fraction)
     probe_set = probe.ProbeSet(probe.probe_images(images, config.diag_images), config.diag_views, 32, config.seed)
     z, p = probe_set.embed(model)
     assert z.shape == (config.diag_images, config.diag_views, config.proj_dim)
@@ -212,28 +212,29 @@ def _projector_app(logdir):
 def test_tensorboard_projector_reads_the_test_split_embeddings(run_dir):
     from PIL import Image
 
-    from simsiam_tf.data import load, subset
+    from simsiam_tf.input import split_images
+    from simsiam_tf.input.catalog import subset
     from simsiam_tf.export import load_run
 
     get = _projector_app(run_dir)  # what `tensorboard --logdir RUN` serves
     runs = json.loads(get("/runs").data)
     assert runs == ["tb"]
     tensor = np.frombuffer(get("/tensor", run="tb", name=projector.TENSOR_NAME).data, np.float32)
-    data = load("digits", 32)
+    test_images, test_labels = split_images(split="test")
     _, model, _ = load_run(run_dir, "last")
-    keep = subset(len(data.test_images), 100)
-    expected = FeatureExtractor(model.backbone, 32)(data.test_images[keep])
+    keep = subset(len(test_images), 100)
+    expected = FeatureExtractor(model.backbone, 32)(test_images[keep])
     np.testing.assert_allclose(tensor.reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
 
     metadata = get("/metadata", run="tb", name=projector.TENSOR_NAME).data.decode().splitlines()
     assert metadata[0] == "label\tclass" and len(metadata) == 101
-    assert metadata[1:] == [f"{y}\t{y}" for y in data.test_labels[keep]]  # digit class names are the digits
+    assert metadata[1:] == [f"{y}\t{y}" for y in test_labels[keep]]  # digit class names are the digits
 
     sprite = get("/sprite_image", run="tb", name=projector.TENSOR_NAME)
     assert sprite.status_code == 200
     image = Image.open(os.path.join(run_dir, "tb", "sprite.png"))
     assert image.size == (10 * 32, 10 * 32)  # 100 thumbnails of 32 px in a 10 x 10 grid
-    np.testing.assert_array_equal(np.asarray(image)[32:64, :32], data.test_images[keep][10])
+    np.testing.assert_array_equal(np.asarray(image)[32:64, :32], test_images[keep][10])
 
 
 def test_sprite_thumbnails_shrink_to_the_projector_limit(monkeypatch):

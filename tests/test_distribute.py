@@ -30,8 +30,7 @@ def test_mirrored_steps_equal_single_device(mirrored, method):
     config = make_config("digits", width=8, proj_dim=64, pred_dim=16, batch_size=16, weight_decay=5e-4, method=method)
     keras.utils.set_random_seed(0)
     init = build_model(config).get_weights()
-    rng = np.random.default_rng(0)
-    batch = tuple(tf.constant(rng.normal(size=(16, 32, 32, 3)), tf.float32) for _ in range(2))
+    batch = tf.constant(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 6)), tf.uint8)  # the input's format
 
     loss_1, w_1 = _step(tf.distribute.get_strategy(), config, init, batch, steps)
     loss_2, w_2 = _step(mirrored, config, init, batch, steps)

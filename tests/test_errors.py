@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import tfds_tiny
 import train
-from simsiam_tf import data as data_lib
+from simsiam_tf.input import tfds_data
 from simsiam_tf import distribute, rundir, training
 from simsiam_tf.config import UsageError, load_config, make_config, save_config
 
@@ -270,9 +270,9 @@ def test_tfds_manual_download_with_the_wrong_files(tmp_path):
     (manual / "something_else.zip").write_bytes(b"x")
     with pytest.raises(UsageError, match=r"needs a manual download and preparing it from the files in .* failed "
                                          r"\(AssertionError: tiny.tar not found"):
-        data_lib.tfds_builder("tiny_manual_images", str(tmp_path))
+        tfds_data.builder("tiny_manual_images", str(tmp_path))
     (manual / "tiny.tar").write_bytes(b"x")  # what the instructions ask for: it prepares
-    assert data_lib.tfds_builder("tiny_manual_images", str(tmp_path)).is_prepared()
+    assert tfds_data.builder("tiny_manual_images", str(tmp_path)).is_prepared()
 
 
 # --- TF_CONFIG -----------------------------------------------------------------------
@@ -317,3 +317,4 @@ def test_valid_tf_config_names_the_chief(monkeypatch):
     chief = {"cluster": {"chief": ["[::1]:2222"], "worker": ["10.0.0.2:2222"]}, "task": {"type": "chief", "index": 0}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(chief))
     assert rundir.tf_config_is_chief()
+

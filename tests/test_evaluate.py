@@ -10,7 +10,7 @@ from PIL import Image
 
 import evaluate
 from simsiam_tf import augment as aug
-from simsiam_tf import data as data_lib
+from simsiam_tf.input import split_images
 from simsiam_tf import export, training
 from simsiam_tf.config import make_config
 
@@ -64,15 +64,16 @@ def test_run_and_its_saved_model_score_the_same_on_digits(exported, tmp_path, ca
 
 
 def test_knn_and_linear_probe_match_a_direct_computation(exported, tmp_path, capsys):
-    from simsiam_tf.callbacks import FeatureExtractor
+    from simsiam_tf.diagnostics.embed import FeatureExtractor
 
     run_dir, _ = exported
     out = tmp_path / "e.json"
     assert _main(["--run", run_dir, "--train-limit", "300", "--json", str(out)], capsys)[0] == 0
     result = json.loads(out.read_text())
     config, model, _ = export.load_run(run_dir)
-    data = data_lib.load("digits", 32, train_limit=300, val_fraction=config.val_fraction)
-    assert len(data.train_images) == result["train_images"] == 270  # 30 held out for validation
+    train_images, train_labels = split_images(train_limit=300, val_fraction=config.val_fraction)
+    test_images, test_labels = split_images(split="test", train_limit=300, val_fraction=config.val_fraction)
+    assert len(train_images) == result["train_images"] == 270  # 30 held out for validation
 
     # Features recomputed without FeatureExtractor: at 32 px the evaluation
     # preprocessing is x / 255 normalised with the ImageNet statistics, nothing else.
@@ -80,8 +81,8 @@ def test_knn_and_linear_probe_match_a_direct_computation(exported, tmp_path, cap
         x = (images.astype(np.float32) / 255.0 - np.array(aug.IMAGENET_MEAN)) / np.array(aug.IMAGENET_STD)
         return np.asarray(model.backbone(x.astype(np.float32), training=False))
 
-    train, test = features(data.train_images), features(data.test_images)
-    np.testing.assert_allclose(train, FeatureExtractor(model.backbone, 32)(data.train_images), rtol=1e-4, atol=1e-4)
+    train, test = features(train_images), features(test_images)
+    np.testing.assert_allclose(train, FeatureExtractor(model.backbone, 32)(train_images), rtol=1e-4, atol=1e-4)
 
     # Weighted kNN as in Wu et al. 2018 (the paper's monitor), written out in NumPy:
     # cosine similarity, the 200 nearest, votes weighted by exp(similarity / 0.1).
@@ -92,8 +93,8 @@ def test_knn_and_linear_probe_match_a_direct_computation(exported, tmp_path, cap
     nearest = np.argsort(-sims, axis=1)[:, :200]
     votes = np.zeros((len(test), 10))
     for q in range(len(test)):
-        np.add.at(votes[q], data.train_labels[nearest[q]], np.exp(sims[q, nearest[q]] / 0.1))
-    reference_knn = float(np.mean(votes.argmax(1) == data.test_labels))
+        np.add.at(votes[q], train_labels[nearest[q]], np.exp(sims[q, nearest[q]] / 0.1))
+    reference_knn = float(np.mean(votes.argmax(1) == test_labels))
     assert result["knn"]["top1"] == pytest.approx(reference_knn, abs=2 / len(test))  # ties may break apart
 
     # The linear probe against scikit-learn's logistic regression on the same features.
@@ -101,8 +102,8 @@ def test_knn_and_linear_probe_match_a_direct_computation(exported, tmp_path, cap
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train)
-    sk = LogisticRegression(max_iter=2000).fit(scaler.transform(train), data.train_labels)
-    reference_linear = float(np.mean(sk.predict(scaler.transform(test)) == data.test_labels))
+    sk = LogisticRegression(max_iter=2000).fit(scaler.transform(train), train_labels)
+    reference_linear = float(np.mean(sk.predict(scaler.transform(test)) == test_labels))
     assert result["linear_probe"]["top1"] == pytest.approx(reference_linear, abs=0.05)  # measured 0.600 vs 0.604
 
 

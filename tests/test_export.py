@@ -12,7 +12,7 @@ from PIL import Image
 
 from simsiam_tf import augment as aug
 from simsiam_tf import export, training
-from simsiam_tf.callbacks import FeatureExtractor
+from simsiam_tf.diagnostics.embed import FeatureExtractor
 from simsiam_tf.config import UsageError, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -84,10 +84,10 @@ def test_every_step_of_a_run_uses_its_epochs_cosine_rate(tmp_path):
             self._epoch = epoch
 
     training.run(config, str(tmp_path / "run"), verbose=0, extra_callbacks=[Record()])
-    from simsiam_tf.data import load
+    from simsiam_tf.input import split_images
 
     # Full batches of the images it trains on: the 96, less the validation split held out.
-    trained_on = len(load("digits", 32, train_limit=96, val_fraction=config.val_fraction).train_images)
+    trained_on = len(split_images(train_limit=96, val_fraction=config.val_fraction)[0])
     steps = trained_on // 32
     assert steps >= 2
     assert [(e, b) for e, b, _ in seen] == [(e, b) for e in range(3) for b in range(steps)]
@@ -125,10 +125,12 @@ def _check_fixed_predictor_lr(strategy):
     keras.utils.set_random_seed(0)
     reference = build_simsiam(config)
     init = reference.get_weights()
-    rng = np.random.default_rng(0)
-    batch = tuple(tf.constant(rng.normal(size=(32, 16, 16, 3)), tf.float32) for _ in range(2))
+    from simsiam_tf.input import batches
+    from simsiam_tf.model import normalize_uint8
+
+    batch = tf.constant(np.random.default_rng(0).integers(0, 256, (32, 16, 16, 6)), tf.uint8)  # the input's format
     with tf.GradientTape() as tape:
-        p1, p2, z1, z2 = reference.forward_pair(*batch, training=True)
+        p1, p2, z1, z2 = reference.forward_pair(*map(normalize_uint8, batches.unpack(batch)), training=True)
         loss = losses.simsiam_loss(p1, p2, z1, z2)
     grads = tape.gradient(loss, reference.trainable_variables)
     d = [g.numpy() + config.weight_decay * w for g, w in zip(grads, (v.numpy() for v in reference.trainable_variables))]

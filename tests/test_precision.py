@@ -19,10 +19,11 @@ import pytest
 import tensorflow as tf
 
 from simsiam_tf import augment as aug
+from simsiam_tf import input as input_lib
 from simsiam_tf import losses
 from simsiam_tf.config import make_config
-from simsiam_tf.data import load, pair_dataset
-from simsiam_tf.model import build_simsiam
+from simsiam_tf.input import batches as batch_format
+from simsiam_tf.model import build_simsiam, normalize_uint8
 from simsiam_tf.optim import make_optimizer
 
 SMALL = dict(width=8, proj_dim=64, pred_dim=16, batch_size=64)
@@ -52,7 +53,7 @@ def _fit(precision, weights, batches, steps_per_epoch, callbacks=()):
     config = make_config("digits", precision=precision, **SMALL)
     model = _model(precision, weights)
     model.compile(optimizer=make_optimizer(model, config, steps_per_epoch=steps_per_epoch))
-    ds = tf.data.Dataset.from_tensor_slices(tuple(tf.stack(views) for views in zip(*batches)))
+    ds = tf.data.Dataset.from_tensor_slices(tf.stack(batches))
     history = model.fit(ds, epochs=len(batches), steps_per_epoch=1, verbose=0, shuffle=False, callbacks=list(callbacks))
     return np.array(history.history["loss"], np.float64).reshape(-1), model
 
@@ -61,9 +62,9 @@ def _fit(precision, weights, batches, steps_per_epoch, callbacks=()):
 def setup():
     keras.utils.set_random_seed(0)
     init = build_simsiam(make_config("digits", **SMALL)).get_weights()
-    images = load("digits", 32).train_images
-    augment = aug.SimSiamAugment(aug.AugmentSpec.for_image_size(32))
-    batches = list(pair_dataset(images, 64, augment, seed=0, epochs=4).take(WARM_STEPS + COMPARE_STEPS))
+    digits, _ = input_lib.open_input(make_config("digits", val_fraction=0.0, input="memory"))
+    spec = aug.AugmentSpec.for_image_size(32)
+    batches = list(digits.worker_batches(64, 0, 1, spec, seed=0, epochs=4).take(WARM_STEPS + COMPARE_STEPS))
     yield init, batches
     keras.mixed_precision.set_global_policy("float32")
 
@@ -83,7 +84,7 @@ def test_gradients_of_a_trained_network_point_the_same_way(setup, warmed):
     # without native bfloat16, where one kernel's cosine fell to 0.73).
     _, batches = setup
     start, _ = warmed
-    x1, x2 = batches[WARM_STEPS]
+    x1, x2 = _views(batches[WARM_STEPS])
     grads = {}
     for precision in ("float32", "bfloat16"):
         model = _model(precision, start)
@@ -104,14 +105,20 @@ def test_gradients_of_a_trained_network_point_the_same_way(setup, warmed):
     assert compared == 24  # 20 convolutions (stem, 16 in blocks, 3 shortcuts), 2 + 2 in the heads
 
 
+def _views(batch):
+    """A batch in the input's format as the model's two float32 inputs (what train_step does)."""
+    x1, x2 = batch_format.unpack(batch)
+    return normalize_uint8(x1), normalize_uint8(x2)
+
+
 def _step_losses(precision, states, batches):
     """The loss of one training step (the forward pass in training mode, BatchNorm on
     the batch's statistics) from each state on its batch."""
     model = _model(precision, states[0])
     out = []
-    for weights, (x1, x2) in zip(states, batches):
+    for weights, batch in zip(states, batches):
         model.set_weights(weights)
-        out.append(float(model.pair_loss(x1, x2)[0]))
+        out.append(float(model.pair_loss(*_views(batch))[0]))
     return np.array(out), model
 
 

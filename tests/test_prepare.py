@@ -1,4 +1,4 @@
-"""prepare.py and simsiam_tf.records: image folders in, TFRecord shards and index.json out.
+"""prepare.py and simsiam_tf.input.records: image folders in, TFRecord shards and index.json out.
 
 Folders are built in tmp_path with PIL; prepare.py runs in-process except where the
 process itself matters (SIGKILL mid-run, one-line errors of a real process).
@@ -18,7 +18,7 @@ import tensorflow as tf
 from PIL import Image
 
 import prepare
-from simsiam_tf import records
+from simsiam_tf.input import records
 from simsiam_tf.config import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

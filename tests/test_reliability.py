@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simsiam_tf import data as data_lib
+from simsiam_tf import input as input_lib
+from simsiam_tf.input import catalog
 from simsiam_tf import training
 from simsiam_tf.config import TrainingDiverged, UsageError, load_config, make_config
 from simsiam_tf.model import build_model
@@ -127,12 +128,13 @@ def _hostile_folder(root):
 
 def test_hostile_folder_skips_bad_files_and_trains(tmp_path):
     expected_bad = _hostile_folder(tmp_path)
-    data = data_lib.load(f"folder:{tmp_path}", 32)
+    data, _ = input_lib.open_input(make_config("digits", dataset=f"folder:{tmp_path}", input="memory", val_fraction=0.0))
     names = sorted(os.path.basename(os.fsencode(p)).decode("latin-1") for p in data.skipped)
     assert names == ["empty.jpg", "loop.jpg", "notes.png", "truncated.jpg"] and len(names) == expected_bad
     assert data.class_names == ["a", "b"]  # the "up" link is not a class
-    assert len(data.train_images) == 6 + 6  # good ones, gray, rgba, 16-bit, cmyk, huge, latin-1
-    pixel = lambda name: data.train_images[[i for i, f in enumerate(_kept_files(tmp_path)) if f.endswith(name)][0]][0, 0]
+    train_images, _ = data.eval_split("train").materialize()
+    assert len(train_images) == 6 + 6  # good ones, gray, rgba, 16-bit, cmyk, huge, latin-1
+    pixel = lambda name: train_images[[i for i, f in enumerate(_kept_files(tmp_path)) if f.endswith(name)][0]][0, 0]
     assert tuple(pixel("gray.png")) == (128, 128, 128)
     assert tuple(pixel("sixteen_bit.png"))[0] in range(150, 160)  # 40000/65535*255 = 155.6
     assert tuple(pixel("huge.jpg"))[0] > 150 and tuple(pixel("huge.jpg"))[1] < 100
@@ -141,7 +143,7 @@ def test_hostile_folder_skips_bad_files_and_trains(tmp_path):
 
 
 def _kept_files(root):
-    files, _, _ = data_lib._scan_split(str(root / "train"))
+    files = catalog.scan_folder(str(root)).splits["train"].files
     bad = {"empty.jpg", "loop.jpg", "notes.png", "truncated.jpg"}
     return [f for f in files if os.path.basename(f) not in bad]
 

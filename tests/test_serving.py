@@ -19,7 +19,7 @@ from PIL import Image
 from serving import local_server
 from serving.client import ClientError, EmbeddingClient
 from simsiam_tf import export, training
-from simsiam_tf.callbacks import FeatureExtractor
+from simsiam_tf.diagnostics.embed import FeatureExtractor
 from simsiam_tf.config import make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

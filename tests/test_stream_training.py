@@ -7,9 +7,9 @@ import shutil
 
 import keras
 import numpy as np
-import pytest
 
-from simsiam_tf import records, training
+from simsiam_tf import training
+from simsiam_tf.input import records
 from simsiam_tf.config import make_config
 
 # Narrow network, no diagnostics: what is tested is the input.

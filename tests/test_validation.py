@@ -13,39 +13,51 @@ import pytest
 from PIL import Image
 
 import evaluate
-from simsiam_tf import callbacks as cb
-from simsiam_tf import data as data_lib
-from simsiam_tf import export, stream, training
+from simsiam_tf import checkpoints, export, training
+from simsiam_tf import input as input_lib
 from simsiam_tf.config import load_config, make_config, save_config
+from simsiam_tf.input import catalog
+
+
+def _input(dataset, size, kind, data_dir=None, **overrides):
+    config = make_config("digits", dataset=dataset, image_size=size, data_dir=data_dir, input=kind, **overrides)
+    return input_lib.open_input(config)[0]
+
+
+def _split(data, name):
+    return data.eval_split(name).materialize()
 
 
 def test_hold_out_is_stratified_disjoint_and_fixed():
     labels = np.repeat(np.arange(5), [100, 40, 20, 7, 1])
-    train, val = data_lib.hold_out(labels, 0.1)
+    train, val = catalog.hold_out(labels, 0.1)
     assert np.intersect1d(train, val).size == 0
     np.testing.assert_array_equal(np.union1d(train, val), np.arange(len(labels)))
     # Each class gives round(0.1 * n) images, and never its only one.
     np.testing.assert_array_equal(np.bincount(labels[val], minlength=5), [10, 4, 2, 1, 0])
-    again_train, again_val = data_lib.hold_out(labels, 0.1)
+    again_train, again_val = catalog.hold_out(labels, 0.1)
     np.testing.assert_array_equal(val, again_val)
     # Random within a class, not its first images.
     assert not np.array_equal(val[:10], np.arange(10))
 
 
 def test_digits_validation_split_is_held_out_of_training_and_apart_from_test():
-    whole = data_lib.load("digits", 32)
-    held = data_lib.load("digits", 32, val_fraction=0.1)
-    assert len(held.train_images) + len(held.val_images) == len(whole.train_images) == 1347
-    assert len(held.val_images) == 136
-    assert held.has_val and not whole.has_val
+    whole = _input("digits", 32, "memory", val_fraction=0.0)
+    held = _input("digits", 32, "memory", val_fraction=0.1)
+    (whole_train, whole_labels), (train, _), (val, val_labels) = (
+        _split(whole, "train"), _split(held, "train"), _split(held, "val")
+    )
+    assert len(train) + len(val) == len(whole_train) == 1347
+    assert len(val) == 136
+    assert whole.eval_split("val") is None
     # Images as rows of bytes: the validation images are training images, none kept
     # for training, and the test split is untouched.
     rows = lambda a: {x.tobytes() for x in a}
-    assert rows(held.val_images) <= rows(whole.train_images)
-    assert not rows(held.val_images) & rows(held.train_images)
-    np.testing.assert_array_equal(held.test_images, whole.test_images)
+    assert rows(val) <= rows(whole_train)
+    assert not rows(val) & rows(train)
+    np.testing.assert_array_equal(_split(held, "test")[0], _split(whole, "test")[0])
     # Stratified: every digit keeps about a tenth of its images in validation.
-    share = np.bincount(held.val_labels, minlength=10) / np.bincount(whole.train_labels, minlength=10)
+    share = np.bincount(val_labels, minlength=10) / np.bincount(whole_labels, minlength=10)
     assert np.all(np.abs(share - 0.1) < 0.02)
 
 
@@ -61,40 +73,44 @@ def _folder(root, per_class=20):
 
 def test_memory_and_streaming_inputs_hold_out_the_same_files(tmp_path):
     root = _folder(tmp_path / "images")
-    found = data_lib.scan_folder(str(root), val_fraction=0.25)
-    assert len(found.val_files) == 15 and len(found.train_files) == 45
-    assert not set(found.val_files) & set(found.train_files)
-    memory = data_lib.load(f"folder:{root}", 8, val_fraction=0.25)
-    source = stream.FolderSource(str(root), val_fraction=0.25)
-    assert source.splits["val"].count == 15 and source.splits["train"].count == 45
-    streamed, labels = stream.StreamInput(source, 8).eval_images("val").materialize()
-    np.testing.assert_array_equal(streamed, memory.val_images)
-    np.testing.assert_array_equal(labels, memory.val_labels)
+    memory = _input(f"folder:{root}", 16, "memory", val_fraction=0.25)
+    streamed = _input(f"folder:{root}", 16, "stream", val_fraction=0.25)
+    for name, count in (("train", 45), ("val", 15), ("test", 12)):
+        assert len(memory.eval_split(name)) == len(streamed.eval_split(name)) == count
+        images, labels = _split(streamed, name)
+        np.testing.assert_array_equal(images, _split(memory, name)[0])
+        np.testing.assert_array_equal(labels, _split(memory, name)[1])
     # Training never reads a validation file.
-    epoch = source.epoch_records(0, 0, 0, 1)
-    read = {p.numpy().decode() for p, _ in epoch}
-    assert read == set(found.train_files)
+    files = catalog.scan_folder(str(root)).splits["train"].files
+    members = streamed.splits["train"].indices
+    read = {p.numpy().decode() for _, p, _ in streamed.source.epoch_records(members, 0, 0, 0, 1)}
+    val = {files[i] for i in streamed.splits["val"].indices}
+    assert read == set(files) - val and len(read) == 45
 
 
 def test_a_tfds_datasets_own_validation_split_is_used(tmp_path):
     import tfds_tiny
 
     tfds_tiny.prepare(tmp_path, num_train=40, num_test=8, num_val=12, shards=2)
-    data = data_lib.load("tiny_images", 16, data_dir=str(tmp_path), val_fraction=0.1)
-    assert len(data.train_images) == 40 and len(data.val_images) == 12 and len(data.test_images) == 8
-    source = stream.TFDSSource("tiny_images", str(tmp_path), val_fraction=0.1)
-    assert source.splits["val"].count == 12 and source.splits["train"].count == 40
+    for kind in ("memory", "stream"):
+        data = _input("tiny_images", 16, kind, data_dir=str(tmp_path), val_fraction=0.1)
+        assert [len(data.eval_split(s)) for s in ("train", "val", "test")] == [40, 12, 8]
 
 
-def test_tfds_without_validation_split_streams_a_held_out_tail(tmp_path):
+def test_tfds_without_its_own_validation_split_holds_out_the_same_stratified_images_on_every_path(tmp_path):
+    # Streamed, this was once the last quarter of the train split, unstratified, while
+    # the in-memory path held out a stratified sample: two different validation splits.
     import tfds_tiny
 
     tfds_tiny.prepare(tmp_path, num_train=40, num_test=8, shards=2)
-    source = stream.TFDSSource("tiny_images", str(tmp_path), val_fraction=0.25)
-    assert source.splits["train"].count == 30 and source.splits["val"].count == 10
-    train = {bytes(r.numpy()) for r, _ in source.eval_records("train")}
-    val = {bytes(r.numpy()) for r, _ in source.eval_records("val")}
-    assert len(train) == 30 and len(val) == 10 and not train & val
+    memory = _input("tiny_images", 16, "memory", data_dir=str(tmp_path), val_fraction=0.2)
+    streamed = _input("tiny_images", 16, "stream", data_dir=str(tmp_path), val_fraction=0.2)
+    for data in (memory, streamed):
+        assert [len(data.eval_split(s)) for s in ("train", "val")] == [32, 8]
+    val, val_labels = _split(streamed, "val")
+    np.testing.assert_array_equal(val, _split(memory, "val")[0])
+    assert np.bincount(val_labels).tolist() == [2, 2, 2, 2]  # stratified: 2 of each class's 10
+    assert not {x.tobytes() for x in val} & {x.tobytes() for x in _split(streamed, "train")[0]}
 
 
 def _logs(val, test):
@@ -119,7 +135,7 @@ class _Weights:
 def test_best_checkpoint_follows_validation_not_test(tmp_path):
     # Epoch 1 has the best test accuracy, epoch 2 the best validation accuracy: the
     # validation split chooses, and the chosen checkpoint's test accuracy is reported.
-    best = cb.BestCheckpoint(str(tmp_path))
+    best = checkpoints.BestCheckpoint(str(tmp_path))
     model = _Weights()
     best.set_model(model)
     seen = []
@@ -136,7 +152,7 @@ def test_best_checkpoint_follows_validation_not_test(tmp_path):
     assert info == {"epoch": 2, "selected_on": "val", "knn_val_top1": 0.70, "knn_top1": 0.40}
     assert (tmp_path / "checkpoints" / "best" / "model.weights.h5").read_text() == "2"
     # Resumed, it continues from the summary's record instead of starting over.
-    resumed = cb.BestCheckpoint(str(tmp_path), previous=seen[-1])
+    resumed = checkpoints.BestCheckpoint(str(tmp_path), previous=seen[-1])
     resumed.set_model(model)
     logs = _logs(0.65, 0.95)
     resumed.on_epoch_end(3, logs)

@@ -29,7 +29,7 @@ Embed = Callable[[np.ndarray], np.ndarray]
 
 def run_encoder(run_dir: str, which: str = "best") -> tuple[Embed, dict]:
     """The backbone of a run as an embedding function, and a description of it."""
-    from simsiam_tf.callbacks import FeatureExtractor
+    from simsiam_tf.diagnostics.embed import FeatureExtractor
     from simsiam_tf.export import checkpoint_selection, load_run
 
     config, model, path = load_run(run_dir, which)
@@ -113,32 +113,29 @@ def _embed_split(embed: Embed, split) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate(embed: Embed, data, k: int = 200, temperature: float = 0.1) -> dict:
-    """kNN and linear-probe top-1 of `embed` on `data` with labels.
-
-    `data` is an `ImageData`, or a training input (`data.MemoryInput`,
-    `stream.StreamInput`) whose splits are embedded batch by batch.
+    """kNN and linear-probe top-1 of `embed` on the train and test splits of `data`, a
+    training input (`input.contract.TrainingInput`), embedded batch by batch.
 
     Raises:
         UsageError: the dataset lacks labelled train and test splits.
     """
-    from simsiam_tf.data import ImageData, MemoryInput
+    from simsiam_tf.input import contract
 
-    source = MemoryInput(data, 0) if isinstance(data, ImageData) else data
-    if not source.has_knn_splits:
+    if not contract.can_monitor_knn(data):
         raise UsageError(
-            f"{source.name} has no labelled test split; evaluation needs labelled train and test "
+            f"{data.name} has no labelled test split; evaluation needs labelled train and test "
             "splits (for a folder: PATH/train/<class>/* and PATH/test/<class>/*)"
         )
     started = time.time()
-    train, train_labels = _embed_split(embed, source.eval_images("train"))
-    test, test_labels = _embed_split(embed, source.eval_images("test"))
+    train, train_labels = _embed_split(embed, data.eval_split("train"))
+    test, test_labels = _embed_split(embed, data.eval_split("test"))
     embed_seconds = time.time() - started
     num_classes = int(max(train_labels.max(), test_labels.max()) + 1)
     knn_top1 = knn.knn_accuracy(train, train_labels, test, test_labels, num_classes, k, temperature)
     probe_started = time.time()
     probe = linear_probe(train, train_labels, test, test_labels)
     return {
-        "dataset": source.name,
+        "dataset": data.name,
         "train_images": int(len(train)),
         "test_images": int(len(test)),
         "embedding_dim": int(train.shape[1]),

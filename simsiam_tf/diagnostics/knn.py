@@ -43,3 +43,35 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=200, t
     """Top-1 accuracy of `knn_predict` on labelled queries."""
     preds = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
     return float(np.mean(preds == np.asarray(query_labels)))
+
+
+class KnnProbe:
+    """kNN top-1 of a backbone's features: bank = the train split, queries = the test
+    split and, when there is one, the validation split (`input.contract.EvalSplit`s:
+    held in memory, or read from disk at every evaluation)."""
+
+    def __init__(self, bank, test, image_size: int, k: int, temperature: float, num_classes: int | None = None,
+                 val=None):
+        self.bank = bank
+        self.queries = {"test": test} if val is None else {"val": val, "test": test}
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.k = k
+        self.temperature = temperature
+        self._extractors = {}
+
+    def __call__(self, backbone) -> dict[str, float]:
+        """Top-1 per query split: {"test": ..., "val": ...} (no "val" without one)."""
+        from simsiam_tf.diagnostics.embed import FeatureExtractor
+
+        if id(backbone) not in self._extractors:
+            self._extractors[id(backbone)] = FeatureExtractor(backbone, self.image_size)
+        extract = self._extractors[id(backbone)]
+        bank, bank_labels = extract.embed_split(self.bank)
+        top1 = {}
+        for name, split in self.queries.items():
+            queries, labels = extract.embed_split(split)
+            num_classes = max(self.num_classes or 0, int(max(bank_labels.max(), labels.max())) + 1)
+            top1[name] = knn_accuracy(bank, bank_labels, queries, labels, num_classes, self.k, self.temperature)
+        return top1
+

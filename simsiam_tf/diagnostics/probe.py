@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from simsiam_tf import augment as aug
-from simsiam_tf.data import subset
+from simsiam_tf.input.catalog import subset
 from simsiam_tf.diagnostics import metrics
 
 RECORDS_FILE = "diagnostics.jsonl"

@@ -24,8 +24,8 @@ import tensorflow as tf
 from PIL import Image
 from tensorboard.plugins import projector
 
-from simsiam_tf.callbacks import FeatureExtractor
-from simsiam_tf.data import subset
+from simsiam_tf.diagnostics.embed import FeatureExtractor
+from simsiam_tf.input.catalog import subset
 
 TENSOR_NAME = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
 SPRITE_MAX_PIXELS = 8192  # the projector's limit on each side of the sprite image

@@ -1,12 +1,12 @@
 """TFRecord shards of an image folder, for streaming datasets larger than memory.
 
-`prepare.py` writes them with `write_records`; the streaming input pipeline reads them
-with `FEATURES` / `parse` and checks them first with `read_index`, `check_shard_sizes`
-and `check_first_record`.
+`prepare.py` writes them with `write_records`; `sources.tfrecord_source` reads them,
+after checking them with `read_index`, `shard_counts` and `check_first_record`.
 
     DIR/train-00000-of-00016.tfrecord ...   one tf.train.Example per image
     DIR/test-00000-of-00016.tfrecord ...    (when the folder has a test split)
-    DIR/index.json                          written last: splits, shards, counts, bytes, median image size
+    DIR/index.json                          written last: splits, shards (file, count,
+                                            bytes, labels), median image size
 
 Records follow the TF Model Garden classification layout (`image/encoded`,
 `image/format`, `image/height`, `image/width`, `image/class/label`, `image/filename`), so
@@ -15,13 +15,13 @@ shards written by other tools in that layout can be read too.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import re
 import resource
 import shutil
+import sys
 from typing import Callable
 
 import numpy as np
@@ -29,7 +29,8 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 
 from simsiam_tf.config import UsageError, write_json_atomic
-from simsiam_tf.data import MAX_PIXELS, _scan_split
+from simsiam_tf.input.catalog import scan_folder
+from simsiam_tf.input.decode import MAX_PIXELS
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "simsiam-tf-tfrecord"
@@ -50,23 +51,23 @@ FEATURES = {
     "image/class/label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
     "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
-# parse reads only what training needs: less work per record, and records from other
-# writers whose optional features have other types still parse.
-_TRAINING_FEATURES = {k: FEATURES[k] for k in ("image/encoded", "image/class/label")}
-
-
 # ---------------------------------------------------------------------------
 # Reading.
 
 
-def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def parse(serialized: tf.Tensor, image_key: str = "image/encoded", label_key: str | None = "image/class/label"):
     """One serialized tf.train.Example -> (encoded image, tf.string [], label, tf.int32 []).
 
-    Pure TensorFlow ops, for `tf.data.Dataset.map`. The label is -1 for unlabelled images;
-    decode the bytes with `simsiam_tf.data._decode` (JPEG, PNG, GIF or BMP).
+    Pure TensorFlow ops, for `tf.data.Dataset.map`. The keys default to the Model Garden
+    layout; tensorflow-datasets' records use "image" and "label". The label is -1 for
+    unlabelled images (no label feature, or `label_key` None).
     """
-    example = tf.io.parse_single_example(serialized, _TRAINING_FEATURES)
-    return example["image/encoded"], tf.cast(example["image/class/label"], tf.int32)
+    spec = {image_key: tf.io.FixedLenFeature([], tf.string)}
+    if label_key:
+        spec[label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+    example = tf.io.parse_single_example(serialized, spec)
+    label = tf.cast(example[label_key], tf.int32) if label_key else tf.constant(-1, tf.int32)
+    return example[image_key], label
 
 
 def read_index(directory: str) -> dict | None:
@@ -112,6 +113,11 @@ def read_index(directory: str) -> dict | None:
             # Names only: an index must not point training outside its directory.
             plain = os.path.basename(shard["file"]) == shard["file"] and shard["file"] not in ("", ".", "..")
             need(plain, f"shard name {shard['file']!r} is not a plain file name")
+            labels = shard.get("labels")
+            need(
+                labels is None or isinstance(labels, list) and len(labels) == shard["count"],
+                f"the labels of shard {shard['file']!r} are not a list of its {shard['count']} records' labels",
+            )
         total = sum(s["count"] for s in split["shards"])
         need(total == split["count"], f"split {name!r} counts {split['count']} images but its shards hold {total}")
     return index
@@ -141,6 +147,48 @@ def check_shard_sizes(directory: str, index: dict, split: str) -> None:
             f"{len(problems)} shard(s) in {directory} are truncated or missing: {', '.join(problems)}; "
             "copy the directory again or re-run prepare.py --overwrite"
         )
+
+
+def shard_counts(directory: str, index: dict | None, split: str, shards: list[str]) -> list[int]:
+    """Records per shard of `split`: from prepare.py's index (sizes checked), else counted."""
+    if index is not None and split in index.get("splits", {}):
+        by_file = {s["file"]: s["count"] for s in index["splits"][split]["shards"]}
+        if all(os.path.basename(p) in by_file for p in shards):
+            check_shard_sizes(directory, index, split)
+            return [by_file[os.path.basename(p)] for p in shards]
+    print(
+        f"note: counting the records of {len(shards)} shard(s) (no {INDEX_FILE} from prepare.py "
+        "beside them); this reads them once",
+        file=sys.stderr,
+    )
+    counts = []
+    for path in shards:
+        try:
+            counts.append(int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1)))
+        except tf.errors.DataLossError as e:
+            raise UsageError(f"TFRecord shard {path} is damaged ({_first_line(e)}); rewrite it")
+    return counts
+
+
+def index_labels(index: dict, shards: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """The labels prepare.py recorded for each split's records, in shard order (the
+    splits whose index entry has them for every shard)."""
+    out = {}
+    for split, paths in shards.items():
+        entries = {s["file"]: s for s in index["splits"].get(split, {}).get("shards", [])}
+        found = [entries.get(os.path.basename(p), {}).get("labels") for p in paths]
+        if found and all(isinstance(labels, list) for labels in found):
+            out[split] = np.asarray([label for labels in found for label in labels], np.int32)
+    return out
+
+
+def first_label(path: str) -> int:
+    """The `image/class/label` of the first record of `path` (-1: none, or no records)."""
+    first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
+    if first is None:
+        return -1
+    feature = tf.train.Example.FromString(first.numpy()).features.feature.get("image/class/label")
+    return int(feature.int64_list.value[0]) if feature is not None and feature.int64_list.value else -1
 
 
 def check_first_record(path: str) -> None:
@@ -225,56 +273,6 @@ def make_example(encoded: bytes, label: int, height: int, width: int, fmt: bytes
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-@dataclasses.dataclass
-class Split:
-    """The files of one split folder; `labels` are train class indices, or None."""
-
-    root: str
-    files: list[str]
-    labels: list[int] | None
-
-
-def scan_source(src: str) -> tuple[dict[str, Split], list[str]]:
-    """The splits and class names of an image folder, by train.py's `folder:PATH` rules.
-
-    PATH/train/<class>/* and optional PATH/test/<class>/* are labelled by class folder
-    (test labels are train class indices); PATH itself is used when it has no train
-    folder. Raises UsageError for a missing or empty folder or a test class unknown to train.
-    """
-    if not os.path.isdir(src):
-        raise UsageError(
-            f"--src {src!r} does not exist or is not a directory; "
-            "pass an image folder (PATH/train/<class>/*.jpg, or a folder of images)"
-        )
-    train_root = os.path.join(src, "train")
-    if not os.path.isdir(train_root):
-        train_root = src
-    files, labels, classes = _scan_split(train_root)
-    if not files:
-        raise UsageError(
-            f"--src: {train_root!r} holds no .jpg, .jpeg or .png files; "
-            "expected PATH/train/<class>/*.jpg or a folder of images"
-        )
-    splits = {"train": Split(train_root, files, labels)}
-    test_root = os.path.join(src, "test")
-    if train_root != src and os.path.isdir(test_root):
-        test_files, test_labels, test_classes = _scan_split(test_root)
-        if test_labels is not None and labels is not None:
-            unknown = sorted(set(test_classes) - set(classes))
-            if unknown:
-                raise UsageError(
-                    f"test classes {unknown} in {test_root!r} are not among the train classes; "
-                    "the test split must use the train split's class folders"
-                )
-            remap = [classes.index(name) for name in test_classes]
-            test_labels = [remap[label] for label in test_labels]
-        elif labels is None:
-            test_labels = None  # without train classes there are no indices to give them
-        if test_files:
-            splits["test"] = Split(test_root, test_files, test_labels)
-    return splits, classes
-
-
 def default_num_shards(count: int, total_bytes: int) -> int:
     """Shards for a split: ~128 MiB each, at least 16, never more than one per image."""
     return max(1, min(count, max(MIN_SHARDS, math.ceil(total_bytes / TARGET_SHARD_BYTES))))
@@ -343,7 +341,8 @@ def write_records(
         UsageError: bad source folder, an --out holding a dataset without `overwrite`,
             an unwritable --out or a full disk, or a train split of which no image decodes.
     """
-    splits, class_names = scan_source(src)
+    found = scan_folder(src, flag="--src")
+    splits, class_names = found.splits, found.class_names
     check_out_dir(out, overwrite)
     workers = workers or os.cpu_count() or 1
     try:
@@ -414,6 +413,7 @@ def _write_split(name, split, out, partial, shards, max_side, quality, seed, wor
     """Write one split's shards; returns (index entries, files skipped, (width, height)
     of every image written, as stored)."""
     files, labels = split.files, split.labels
+    labelled = labels is not None
     # Non-regular files (FIFOs, sockets) would block or fail the reader; skip them up front.
     skipped = [f for f in files if not os.path.isfile(f)]
     if skipped:
@@ -423,7 +423,7 @@ def _write_split(name, split, out, partial, shards, max_side, quality, seed, wor
     order = np.random.default_rng(seed).permutation(len(files))
     files = [files[i] for i in order]
     labels = [-1] * len(files) if labels is None else [labels[i] for i in order]
-    prefix = os.path.join(split.root, "")  # _image_files joins onto the root as given
+    prefix = os.path.join(split.root, "")  # catalog.image_files joins onto the root as given
     relnames = [f[len(prefix):] if f.startswith(prefix) else os.path.relpath(f, split.root) for f in files]
     if shards:
         n_shards = max(1, min(shards, len(files)))
@@ -439,12 +439,14 @@ def _write_split(name, split, out, partial, shards, max_side, quality, seed, wor
     seen = np.zeros(len(files), bool)
     written = 0
     sizes = []
+    shard_labels = [[] for _ in names]  # recorded in the index: no pass over the records to learn them
     try:
         for encoded, fmt, height, width, pos in _encoded_images(files, max_side, quality, workers):
             for k in range(len(pos)):
                 p = int(pos[k])
                 example = make_example(encoded[k], labels[p], height[k], width[k], fmt[k], relnames[p])
                 writers[written % n_shards].write(example)
+                shard_labels[written % n_shards].append(int(labels[p]))
                 sizes.append((int(width[k]), int(height[k])))
                 written += 1
                 seen[p] = True
@@ -460,8 +462,10 @@ def _write_split(name, split, out, partial, shards, max_side, quality, seed, wor
         tmp = os.path.join(partial, file)
         _fsync(tmp)  # the rename must not publish a shard whose data is still in flight
         os.replace(tmp, os.path.join(out, file))
-        count = written // n_shards + (i < written % n_shards)
-        entries.append({"file": file, "count": count, "bytes": os.path.getsize(os.path.join(out, file))})
+        entry = {"file": file, "count": len(shard_labels[i]), "bytes": os.path.getsize(os.path.join(out, file))}
+        if labelled:
+            entry["labels"] = shard_labels[i]
+        entries.append(entry)
     skipped += [files[i] for i in np.flatnonzero(~seen)]
     return entries, sorted(skipped), sizes
 
