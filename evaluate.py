@@ -6,10 +6,13 @@
 
 kNN and the linear probe are scored on the test split. With --run, which checkpoint is
 printed: "val-selected" (chosen by kNN on the run's validation split, never on the test
-split) or "last". The run's validation split stays out of the kNN bank and the probe's
-training set.
+split) or "last". On the run's own dataset, everything about the data is the run's
+(config.json, or the export's metadata): its training subset (--train-limit), its
+validation split (held out of the kNN bank and the probe's training set), its input
+(memory or stream) and its kNN monitor's bank (--knn-bank-size), k and temperature, so
+the kNN top-1 is the one the run recorded for the same checkpoint.
 
-Prints kNN top-1 (k = 200, T = 0.1) and linear-probe top-1 (l2-regularised logistic
+Prints kNN top-1 (the run's k and T, the presets' k = 200 and T = 0.1) and linear-probe top-1 (l2-regularised logistic
 regression, C chosen on a held-out 20% of the training split; see docs/evaluation.md)
 and writes them as JSON: RUN/evaluation.json for --run, ./evaluation.json otherwise
 (or --json PATH). Bad input exits with code 2 and one line naming the problem.
@@ -52,12 +55,34 @@ def build_parser():
     p.add_argument(
         "--dataset",
         help="digits, folder:PATH, tfrecord:GLOB or a tensorflow-datasets name (default: the one the run, or the "
-        "export's run, trained on). Read in memory or streamed, as train.py --input auto chooses",
+        "export's run, trained on, with its splits and input). Another dataset is read whole, in memory or "
+        "streamed as train.py --input auto chooses",
     )
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
-    p.add_argument("--train-limit", type=_count, default=0, help="use a fixed random subset of N training images (0 = all)")
+    p.add_argument(
+        "--train-limit", type=_count, default=None,
+        help="a fixed random subset of N training images for the bank and the probe (0 = all; default: the run's own)",
+    )
     p.add_argument("--json", help="where to write the results (default: RUN/evaluation.json, or ./evaluation.json)")
     return p
+
+
+def _data_config(args, source: dict):
+    """What evaluation reads: the run's data as it recorded it (dataset, training subset,
+    validation split, input, kNN bank), or another --dataset whole."""
+    from simsiam_tf.config import TrainConfig
+
+    recorded = source["dataset"] or "digits"  # exports of older versions do not say: digits
+    if args.dataset is None or args.dataset == recorded:
+        config = TrainConfig(
+            dataset=recorded, image_size=source["image_size"], data_dir=args.data_dir or source["data_dir"],
+            train_limit=source["train_limit"], val_fraction=source["val_fraction"], input=source["input"],
+            knn_train_limit=source["knn_train_limit"], knn_k=source["knn_k"], knn_temperature=source["knn_temperature"],
+        )
+    else:
+        config = TrainConfig(dataset=args.dataset, image_size=source["image_size"], data_dir=args.data_dir,
+                             val_fraction=0.0, knn_k=source["knn_k"], knn_temperature=source["knn_temperature"])
+    return config if args.train_limit is None else config.replace(train_limit=args.train_limit)
 
 
 def main(argv=None) -> int:
@@ -68,32 +93,22 @@ def main(argv=None) -> int:
         if args.run and not os.path.isdir(args.run):
             raise UsageError(f"--run {args.run!r} is not a directory")
         from simsiam_tf import input as input_lib  # imports TensorFlow: only for a plausible command
-        from simsiam_tf.config import TrainConfig
         from simsiam_tf.diagnostics import evaluation
 
         if args.run:
             embed, source = evaluation.run_encoder(args.run, args.checkpoint)
-            dataset = args.dataset or source["dataset"]
-            data_dir = args.data_dir or source["data_dir"]
-            # The run's own validation split stays out of the kNN bank and the probe's
-            # training set, as in training; on another dataset there is nothing to hold out.
-            val_fraction = source["val_fraction"] if dataset == source["dataset"] else 0.0
             out = args.json or os.path.join(args.run, "evaluation.json")
         else:
             embed, source = evaluation.saved_model_encoder(args.saved_model)
-            # The export's metadata names the dataset its run trained on (exports of
-            # older versions do not: digits then, unless --dataset says otherwise).
-            dataset = args.dataset or source["dataset"] or "digits"
-            data_dir = args.data_dir or (source["data_dir"] if dataset == source["dataset"] else None)
-            val_fraction = source["val_fraction"] if dataset == source["dataset"] else 0.0
             out = args.json or "evaluation.json"
+        config = _data_config(args, source)
         out_dir = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(out_dir):
             raise UsageError(f"--json {out!r}: directory {out_dir!r} does not exist")
-        config = TrainConfig(dataset=dataset, image_size=source["image_size"], data_dir=data_dir,
-                             train_limit=args.train_limit, val_fraction=val_fraction)
         data, _ = input_lib.open_input(config)
-        result = {"source": source, **evaluation.evaluate(embed, data)}
+        result = {"source": source, **evaluation.evaluate(
+            embed, data, config.knn_k, config.knn_temperature, bank_limit=config.knn_train_limit,
+        )}
         write_json_atomic(out, result)
     except UsageError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
@@ -101,10 +116,13 @@ def main(argv=None) -> int:
     probe = result["linear_probe"]
     described = source["path"] + (f" ({source['selection']}: {source['checkpoint']})" if source["kind"] == "run" else "")
     print(
-        f"{described} on {result['dataset']}: {result['train_images']:,} train / {result['test_images']:,} "
-        f"test images, {result['embedding_dim']}-d embedding"
+        f"{described} on {result['dataset']} ({result['input']}): {result['train_images']:,} train / "
+        f"{result['test_images']:,} test images, {result['embedding_dim']}-d embedding"
     )
-    print(f"kNN top-1 (k={result['knn']['k']}, T={result['knn']['temperature']}) on the test split: {result['knn']['top1']:.4f}")
+    print(
+        f"kNN top-1 (k={result['knn']['k']}, T={result['knn']['temperature']}, bank of {result['knn']['bank_images']:,}) "
+        f"on the test split: {result['knn']['top1']:.4f}"
+    )
     print(
         f"linear probe top-1: {probe['top1']:.4f} (C={probe['C']:g}, chosen on "
         f"{probe['validation_images']:,} held-out training images)"

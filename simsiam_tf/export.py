@@ -221,11 +221,16 @@ def export_saved_model(
             "image_size": config.image_size,
             "precision": config.precision,
             "backbone": config.backbone,
-            # What evaluate.py --saved-model scores it on by default, with the same
-            # validation split held out of the kNN bank as in training.
+            # What evaluate.py --saved-model scores it on by default: the run's
+            # dataset, splits, input and kNN bank, as in training.
             "dataset": config.dataset,
             "data_dir": config.data_dir,
+            "train_limit": config.train_limit,
             "val_fraction": config.val_fraction,
+            "input": config.input,
+            "knn_train_limit": config.knn_train_limit,
+            "knn_k": config.knn_k,
+            "knn_temperature": config.knn_temperature,
             "source_checkpoint": source,
             "source_selection": checkpoint_selection(source) if source and os.path.exists(source) else None,
         }

@@ -41,13 +41,16 @@ def test_run_and_its_saved_model_score_the_same_on_digits(exported, tmp_path, ca
     code, out, _ = _main(["--run", run_dir], capsys)
     assert code == 0
     from_run = json.loads(open(os.path.join(run_dir, "evaluation.json")).read())
-    assert f"kNN top-1 (k=200, T=0.1) on the test split: {from_run['knn']['top1']:.4f}" in out
+    bank = from_run["knn"]["bank_images"]
+    assert f"kNN top-1 (k=20, T=0.1, bank of {bank}) on the test split: {from_run['knn']['top1']:.4f}" in out
     assert from_run["source"]["kind"] == "run" and from_run["source"]["checkpoint"].endswith("model.weights.h5")
     # The checkpoint chosen on the validation split, labelled as such.
     assert from_run["source"]["selection"] == "val-selected (epoch 1)" and "val-selected (epoch 1)" in out
-    # The whole digits split, not the run's 64-image training subset, less the
-    # validation split the run held out (136 of 1,347 at --val-fraction 0.1).
-    assert from_run["train_images"] == 1347 - 136 and from_run["test_images"] == 450
+    # The run's data: its 64-image training subset less the validation split it held
+    # out of it, the whole test split, the input it used, its monitor's k.
+    train_images, _ = split_images(train_limit=64, val_fraction=0.1)
+    assert from_run["train_images"] == bank == len(train_images) < 64 and from_run["test_images"] == 450
+    assert from_run["input"] == "memory" and from_run["knn"]["k"] == 20
     assert from_run["embedding_dim"] == 64
 
     # Given the base export directory, the latest version is evaluated.
@@ -56,6 +59,7 @@ def test_run_and_its_saved_model_score_the_same_on_digits(exported, tmp_path, ca
     served = json.loads((tmp_path / "served.json").read_text())
     assert served["source"]["path"] == saved and served["source"]["output"] == "features"
     # Scored on the dataset its run trained on, with the same split, from the export's metadata.
+    assert served["train_images"] == from_run["train_images"] and served["knn"]["k"] == 20
     assert served["dataset"] == "digits" and served["train_images"] == from_run["train_images"]
     assert served["source"]["source_selection"] == "val-selected (epoch 1)"
     assert served["knn"]["top1"] == pytest.approx(from_run["knn"]["top1"], abs=1 / 450)
@@ -74,6 +78,8 @@ def test_knn_and_linear_probe_match_a_direct_computation(exported, tmp_path, cap
     train_images, train_labels = split_images(train_limit=300, val_fraction=config.val_fraction)
     test_images, test_labels = split_images(split="test", train_limit=300, val_fraction=config.val_fraction)
     assert len(train_images) == result["train_images"] == 270  # 30 held out for validation
+    k = result["knn"]["k"]
+    assert k == 20  # the run's monitor's k (the presets use 200)
 
     # Features recomputed without FeatureExtractor: at 32 px the evaluation
     # preprocessing is x / 255 normalised with the ImageNet statistics, nothing else.
@@ -85,12 +91,12 @@ def test_knn_and_linear_probe_match_a_direct_computation(exported, tmp_path, cap
     np.testing.assert_allclose(train, FeatureExtractor(model.backbone, 32)(train_images), rtol=1e-4, atol=1e-4)
 
     # Weighted kNN as in Wu et al. 2018 (the paper's monitor), written out in NumPy:
-    # cosine similarity, the 200 nearest, votes weighted by exp(similarity / 0.1).
+    # cosine similarity, the k nearest, votes weighted by exp(similarity / 0.1).
     def unit(v):
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
     sims = unit(test) @ unit(train).T
-    nearest = np.argsort(-sims, axis=1)[:, :200]
+    nearest = np.argsort(-sims, axis=1)[:, :k]
     votes = np.zeros((len(test), 10))
     for q in range(len(test)):
         np.add.at(votes[q], train_labels[nearest[q]], np.exp(sims[q, nearest[q]] / 0.1))

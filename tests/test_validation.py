@@ -187,17 +187,19 @@ def test_a_run_reports_last_and_validation_selected_test_accuracy(run_dir):
 
 
 def test_evaluate_scores_the_chosen_checkpoint_as_training_did(run_dir, tmp_path, capsys):
-    # evaluate.py on the val-selected checkpoint, with the run's bank and k, reproduces
-    # the test top-1 the run recorded for that checkpoint.
+    # evaluate.py on the val-selected checkpoint, with nothing but --run, reproduces the
+    # test top-1 the run recorded for that checkpoint: it takes the run's 400-image
+    # subset, validation split and bank from config.json. (It once read the whole
+    # training split, the run's validation images in its bank.)
     summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
     out = tmp_path / "e.json"
-    assert evaluate.main(["--run", run_dir, "--train-limit", "400", "--json", str(out)]) == 0
+    assert evaluate.main(["--run", run_dir, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["train_images"] == 360  # 400 less the 40 held out, as in training
     assert result["knn"]["top1"] == pytest.approx(summary["knn_top1_val_selected"], abs=1e-9)
     assert f"val-selected (epoch {summary['knn_best_epoch']})" in printed
-    assert evaluate.main(["--run", run_dir, "--checkpoint", "last", "--train-limit", "400", "--json", str(out)]) == 0
+    assert evaluate.main(["--run", run_dir, "--checkpoint", "last", "--json", str(out)]) == 0
     assert "(last (epoch 3)" in capsys.readouterr().out
     assert json.loads(out.read_text())["knn"]["top1"] == pytest.approx(summary["knn_top1"], abs=1e-9)
 

@@ -25,6 +25,12 @@ from simsiam_tf.diagnostics import knn
 from simsiam_tf.diagnostics.linear_probe import linear_probe
 
 Embed = Callable[[np.ndarray], np.ndarray]
+# What a run recorded about its data and its kNN monitor, which evaluation reuses: the
+# same dataset, training subset, validation split held out, input, bank, k and T.
+RUN_DATA_KEYS = ("dataset", "data_dir", "train_limit", "val_fraction", "input", "knn_train_limit", "knn_k",
+                 "knn_temperature")
+# What exports of older versions, which do not record them, are scored with.
+OLD_EXPORT_DEFAULTS = (None, None, 0, 0.0, "auto", 0, 200, 0.1)
 
 
 def run_encoder(run_dir: str, which: str = "best") -> tuple[Embed, dict]:
@@ -39,10 +45,8 @@ def run_encoder(run_dir: str, which: str = "best") -> tuple[Embed, dict]:
         "path": run_dir,
         "checkpoint": path,
         "selection": checkpoint_selection(path),
-        "val_fraction": config.val_fraction,
         "image_size": config.image_size,
-        "dataset": config.dataset,
-        "data_dir": config.data_dir,
+        **{key: getattr(config, key) for key in RUN_DATA_KEYS},
     }
     return extract, info
 
@@ -95,9 +99,8 @@ def saved_model_encoder(path: str, batch_size: int = 256) -> tuple[Embed, dict]:
         "output": metadata.get("output"),
         "source_checkpoint": metadata.get("source_checkpoint"),
         "source_selection": metadata.get("source_selection"),
-        "dataset": metadata.get("dataset"),
-        "data_dir": metadata.get("data_dir"),
-        "val_fraction": metadata.get("val_fraction", 0.0),
+        # Exports of older versions lack the later keys: the whole split then, as they did.
+        **{key: metadata.get(key, default) for key, default in zip(RUN_DATA_KEYS, OLD_EXPORT_DEFAULTS)},
         # Images are loaded at the training size; the signature resizes any other size.
         "image_size": metadata.get("image_size", 32),
     }
@@ -112,9 +115,13 @@ def _embed_split(embed: Embed, split) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(features), np.concatenate(labels)
 
 
-def evaluate(embed: Embed, data, k: int = 200, temperature: float = 0.1) -> dict:
+def evaluate(embed: Embed, data, k: int = 200, temperature: float = 0.1, bank_limit: int = 0) -> dict:
     """kNN and linear-probe top-1 of `embed` on the train and test splits of `data`, a
     training input (`input.contract.TrainingInput`), embedded batch by batch.
+
+    The linear probe trains on the whole train split; the kNN bank is the train split
+    too, or with `bank_limit` the fixed subset of it the training monitor uses
+    (`--knn-bank-size`), so that a run's recorded kNN is reproduced exactly.
 
     Raises:
         UsageError: the dataset lacks labelled train and test splits.
@@ -129,17 +136,19 @@ def evaluate(embed: Embed, data, k: int = 200, temperature: float = 0.1) -> dict
     started = time.time()
     train, train_labels = _embed_split(embed, data.eval_split("train"))
     test, test_labels = _embed_split(embed, data.eval_split("test"))
+    bank, bank_labels = (train, train_labels) if not bank_limit else _embed_split(embed, data.eval_split("train", bank_limit))
     embed_seconds = time.time() - started
     num_classes = int(max(train_labels.max(), test_labels.max()) + 1)
-    knn_top1 = knn.knn_accuracy(train, train_labels, test, test_labels, num_classes, k, temperature)
+    knn_top1 = knn.knn_accuracy(bank, bank_labels, test, test_labels, num_classes, k, temperature)
     probe_started = time.time()
     probe = linear_probe(train, train_labels, test, test_labels)
     return {
         "dataset": data.name,
         "train_images": int(len(train)),
         "test_images": int(len(test)),
+        "input": data.kind,
         "embedding_dim": int(train.shape[1]),
-        "knn": {"top1": knn_top1, "k": k, "temperature": temperature},
+        "knn": {"top1": knn_top1, "k": k, "temperature": temperature, "bank_images": int(len(bank))},
         "linear_probe": probe,
         "embed_seconds": round(embed_seconds, 2),
         "linear_probe_seconds": round(time.time() - probe_started, 2),
