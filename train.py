@@ -154,7 +154,8 @@ def explicit_overrides(args) -> dict:
     return explicit
 
 
-EXIT_CODES = {"usage": 2, "diverged": 3, "out_of_memory": 4, "interrupted": 130}  # 75: simsiam_tf.data_service
+# 75 (EX_TEMPFAIL) also when the tf.data service's dispatcher is lost (input.service).
+EXIT_CODES = {"usage": 2, "diverged": 3, "out_of_memory": 4, "input_shortfall": 75, "interrupted": 130}
 
 
 def main(argv=None) -> int:
@@ -205,7 +206,7 @@ def _out_of_memory_outside_a_step(argv, logdir, error) -> str:
 def _main(argv, run) -> int:
     args = build_parser().parse_args(argv)
     from simsiam_tf.config import make_config
-    from simsiam_tf.errors import OutOfMemory, TrainingDiverged, UsageError
+    from simsiam_tf.errors import InputShortfall, OutOfMemory, TrainingDiverged, UsageError
 
     explicit = explicit_overrides(args)
     try:
@@ -255,6 +256,9 @@ def _main(argv, run) -> int:
     except OutOfMemory as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_CODES["out_of_memory"]
+    except InputShortfall as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_CODES["input_shortfall"]
     except Exception as e:  # TensorFlow's ResourceExhaustedError, without importing TensorFlow here
         if not isinstance(e, MemoryError) and type(e).__name__ != "ResourceExhaustedError":
             raise

@@ -63,13 +63,35 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
 
 class SaveBackup(keras.callbacks.Callback):
-    """Writes `backup`'s state at the end of every epoch (see AtomicBackupAndRestore)."""
+    """Writes `backup`'s state at the end of every whole epoch (see AtomicBackupAndRestore).
 
-    def __init__(self, backup: AtomicBackupAndRestore):
+    An epoch cut short is not one: saving it would make `--resume` skip the steps it
+    lacks. When the input ran out of data (Keras ends the epoch quietly, calls the
+    epoch-end callbacks as if it were complete, and would start the input again from
+    its first batch in the next epoch), training stops here and `cut_short` records
+    (epoch, steps it trained), the epoch 1-based. An epoch another callback stopped
+    (a divergence) is only left unsaved.
+    """
+
+    def __init__(self, backup: AtomicBackupAndRestore, steps_per_epoch: int):
         super().__init__()
         self.backup = backup
+        self.steps_per_epoch = steps_per_epoch
+        self.cut_short = None
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._steps < self.steps_per_epoch:
+            if not self.model.stop_training:
+                self.cut_short = (epoch + 1, self._steps)
+                self.model.stop_training = True
+            return
         self.backup._save_model()
 
 

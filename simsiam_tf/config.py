@@ -15,7 +15,7 @@ import tempfile
 from typing import Any
 
 # The run's failures, each with its exit code in train.py (errors.py says which).
-from simsiam_tf.errors import OutOfMemory, TrainingDiverged, UsageError  # noqa: F401
+from simsiam_tf.errors import InputShortfall, OutOfMemory, TrainingDiverged, UsageError  # noqa: F401
 
 
 BACKBONES = ("resnet18", "resnet50")

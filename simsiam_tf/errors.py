@@ -15,3 +15,7 @@ class TrainingDiverged(Exception):
 
 class OutOfMemory(Exception):
     """Training ran out of memory; the message names a smaller --batch-size (exit 4)."""
+
+
+class InputShortfall(Exception):
+    """The input ended before the run had all its steps; `--resume` continues (exit 75)."""

@@ -22,7 +22,7 @@ from simsiam_tf import callbacks as cb
 from simsiam_tf import checkpoints, distribute
 from simsiam_tf import input as input_lib
 from simsiam_tf.config import (
-    OutOfMemory, TrainConfig, TrainingDiverged, UsageError, load_config, save_config,
+    InputShortfall, OutOfMemory, TrainConfig, TrainingDiverged, UsageError, load_config, save_config,
 )
 from simsiam_tf.diagnostics import knn, projector
 from simsiam_tf.diagnostics import probe as diag_probe
@@ -178,7 +178,8 @@ def run(
 
     Raises:
         UsageError: bad input, detected before anything is written.
-        TrainingDiverged, OutOfMemory: training stopped (the message says what to run next).
+        TrainingDiverged, OutOfMemory, InputShortfall: training stopped (the message
+            says what to run next).
     """
     started = time.time()
     strategy = strategy or distribute.make_strategy(config.strategy, config.cpu_replicas)
@@ -224,7 +225,7 @@ def run(
     # before anything evaluates the model and saved after the summary is written, so on
     # resume the summary is never an epoch behind it.
     backup = checkpoints.AtomicBackupAndRestore(backup_dir, restore_dir)
-    save = checkpoints.SaveBackup(backup)
+    save = checkpoints.SaveBackup(backup, steps)
     callbacks = [
         *training_input.callbacks(run_ctx), cb.DivergenceGuard(), backup, _ScheduleAtEpoch(initial_epoch, steps),
         keras.callbacks.ProgbarLogger(), *reporting, save, *extra_callbacks,
@@ -241,7 +242,7 @@ def run(
     _fit(model, batches, config, logdir, initial_epoch, steps, callbacks, training_input, backup_dir, restore_dir,
          replicas, verbose)
     summary = next(c for c in reporting if isinstance(c, cb.RunSummary)).summary
-    _check_complete(model, config, logdir, backup_dir, restore_dir)
+    _check_complete(model, config, steps, save.cut_short, summary, logdir, backup_dir, restore_dir)
     if chief and config.projector_images and contract.can_monitor_knn(training_input):
         images, labels = training_input.eval_split("test", config.projector_images).materialize()
         projector.write_projector(os.path.join(logdir, "tb"), model.backbone, images, labels,
@@ -282,8 +283,9 @@ def _fit(model, batches, config, logdir, initial_epoch, steps, callbacks, traini
         raise OutOfMemory(out_of_memory_message(config, replicas, logdir, completed_epochs(restore_dir), e))
 
 
-def _check_complete(model, config, logdir, backup_dir, restore_dir) -> None:
-    """Raise TrainingDiverged if the loss became NaN or infinite."""
+def _check_complete(model, config, steps, cut_short, summary, logdir, backup_dir, restore_dir) -> None:
+    """Raise TrainingDiverged or InputShortfall unless every step of the run was trained
+    (`cut_short`: the epoch the input ended in, and the steps it trained, or None)."""
     done = completed_epochs(restore_dir)
     if model.diverged:
         d = model.diverged
@@ -295,6 +297,14 @@ def _check_complete(model, config, logdir, backup_dir, restore_dir) -> None:
             f"training diverged: the loss became {d['loss']} at step {d['step']} (epoch {d['epoch']}) and "
             f"training stopped; {kept}. Continue at half the learning rate with: "
             f"{continue_command(logdir, lr=config.base_lr / 2)} (or check the data)"
+        )
+    if cut_short:  # the input ended early: Keras only warns
+        epoch, step = cut_short
+        missed = summary.get("images_missed")
+        lost = f"; the tf.data service missed {missed:,} image(s) so far" if missed else ""
+        raise InputShortfall(
+            f"the input ran out of data after step {step} of the {steps} of epoch {epoch} (of {config.epochs}"
+            f"{lost}); the checkpoint of epoch {done} is in {backup_dir}. Continue with: {continue_command(logdir)}"
         )
 
 

@@ -318,3 +318,32 @@ def test_valid_tf_config_names_the_chief(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps(chief))
     assert rundir.tf_config_is_chief()
 
+
+def test_an_input_that_ends_early_exits_75_and_resume_trains_what_was_lost(tmp_path, monkeypatch, capsys):
+    # What the tf.data service does when it loses more images than its reserve epoch
+    # holds: the stream ends before the run's last step. Keras stops quietly there, and
+    # train.py once exited 0 with fewer epochs than asked.
+    from simsiam_tf import input as input_lib
+
+    real_open = input_lib.open_input
+
+    def ends_early(config, announce=None):
+        opened, kind = real_open(config, announce)
+        whole = opened.batches
+        opened.batches = lambda *args, **kwargs: whole(*args, **kwargs).take(3)  # of 2 x 2 steps
+        return opened, kind
+
+    monkeypatch.setattr(input_lib, "open_input", ends_early)
+    _patch_run(monkeypatch)
+    logdir = str(tmp_path / "run")
+    assert train.main([*TINY, "--epochs", "2", "--logdir", logdir]) == 75
+    line = _one_error_line(capsys.readouterr().err)
+    assert "the input ran out of data after step 1 of the 2 of epoch 2 (of 2)" in line
+    assert line.endswith(f"Continue with: python train.py --resume {logdir}")
+    # The cut epoch was not saved as done: the backup holds epoch 1, so --resume trains
+    # epoch 2 whole.
+    assert rundir.completed_epochs(os.path.join(logdir, rundir.LAST_DIR)) == 1
+    monkeypatch.setattr(input_lib, "open_input", real_open)
+    assert train.main(_advised(line)) == 0
+    summary = json.loads(open(os.path.join(logdir, "summary.json")).read())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2] and summary["epochs_completed"] == 2
