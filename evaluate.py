@@ -119,9 +119,13 @@ def main(argv=None) -> int:
         f"{described} on {result['dataset']} ({result['input']}): {result['train_images']:,} train / "
         f"{result['test_images']:,} test images, {result['embedding_dim']}-d embedding"
     )
+    lost = result["undecodable"]
+    undecodable = "".join(
+        f"; {n:,} {split} image(s) could not be decoded and are not counted" for split, n in lost.items() if n
+    )
     print(
         f"kNN top-1 (k={result['knn']['k']}, T={result['knn']['temperature']}, bank of {result['knn']['bank_images']:,}) "
-        f"on the test split: {result['knn']['top1']:.4f}"
+        f"on the test split: {result['knn']['top1']:.4f}{undecodable}"
     )
     print(
         f"linear probe top-1: {probe['top1']:.4f} (C={probe['C']:g}, chosen on "

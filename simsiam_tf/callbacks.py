@@ -135,7 +135,8 @@ class EpochTimer(keras.callbacks.Callback):
 class KnnMonitor(keras.callbacks.Callback):
     """kNN top-1 of the backbone before training and every `every` epochs (and after the
     last), as `logs["knn_top1"]` on the test split and `logs["knn_val_top1"]` on the
-    validation split (when the probe has one).
+    validation split (when the probe has one). Test or validation images that could not
+    be decoded are left out of the accuracy, and said beside it.
 
     Before training, BatchNorm statistics are first estimated from the bank
     (`calibrate_batchnorm`), so "before" measures the random network fairly. Every
@@ -162,8 +163,13 @@ class KnnMonitor(keras.callbacks.Callback):
         calibrate_batchnorm(self.model.backbone, self.probe.bank, self.probe.image_size)
         if self.is_chief and self.initial_top1 is None:
             self.initial_top1 = self._evaluate()["test"]
-            print(f"kNN top-1 before training: {self.initial_top1:.4f} on the test split (random init, BatchNorm "
-                  "statistics from data)", flush=True)
+            print(f"kNN top-1 before training: {self.initial_top1:.4f} on the test split{self._skipped()} (random "
+                  "init, BatchNorm statistics from data)", flush=True)
+
+    def _skipped(self) -> str:
+        """' (N test images could not be decoded)', or '' when every image decoded."""
+        lost = [f"{n} {name} image(s)" for name, n in self.probe.skipped().items() if n]
+        return f" ({' and '.join(lost)} could not be decoded and are not counted)" if lost else ""
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
@@ -176,7 +182,7 @@ class KnnMonitor(keras.callbacks.Callback):
             if "val" in top1:
                 logs["knn_val_top1"] = top1["val"]
                 line += f", {top1['val']:.4f} validation"
-            print(line, flush=True)
+            print(line + self._skipped(), flush=True)
 
 
 class TensorBoardLogger(keras.callbacks.Callback):

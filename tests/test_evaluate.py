@@ -191,3 +191,24 @@ def test_bad_input_exits_2_with_one_line(exported, tmp_path, capsys, args, messa
     assert len(lines) == 1 and lines[0].startswith("evaluate.py: error:"), err
     assert message in lines[0]
     assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_undecodable_test_images_are_counted_beside_the_accuracy(tmp_path, capsys):
+    # They were dropped from the accuracy's denominator without a word.
+    folder = _folder(tmp_path / "images")
+    for i in range(2):
+        (folder / "test" / "dark" / f"broken{i}.png").write_bytes(b"\x89PNG not an image")
+    config = make_config(
+        "digits", dataset=f"folder:{folder}", width=8, proj_dim=64, pred_dim=16, batch_size=8, epochs=1,
+        knn_every=1, knn_k=5, diag_every=0, projector_images=0, val_fraction=0.0,
+    )
+    run_dir = str(tmp_path / "run")
+    training.run(config, run_dir, verbose=0)
+    said = capsys.readouterr().out
+    assert "epoch 1: kNN top-1" in said
+    assert "(2 test image(s) could not be decoded and are not counted)" in said.split("epoch 1: kNN top-1")[1]
+    code, out, _ = _main(["--run", run_dir], capsys)
+    assert code == 0
+    result = json.loads(open(os.path.join(run_dir, "evaluation.json")).read())
+    assert result["test_images"] == 12 and result["undecodable"] == {"train": 0, "test": 2}
+    assert "2 test image(s) could not be decoded and are not counted" in out

@@ -134,8 +134,9 @@ def evaluate(embed: Embed, data, k: int = 200, temperature: float = 0.1, bank_li
             "splits (for a folder: PATH/train/<class>/* and PATH/test/<class>/*)"
         )
     started = time.time()
-    train, train_labels = _embed_split(embed, data.eval_split("train"))
-    test, test_labels = _embed_split(embed, data.eval_split("test"))
+    train_split, test_split = data.eval_split("train"), data.eval_split("test")
+    train, train_labels = _embed_split(embed, train_split)
+    test, test_labels = _embed_split(embed, test_split)
     bank, bank_labels = (train, train_labels) if not bank_limit else _embed_split(embed, data.eval_split("train", bank_limit))
     embed_seconds = time.time() - started
     num_classes = int(max(train_labels.max(), test_labels.max()) + 1)
@@ -147,6 +148,7 @@ def evaluate(embed: Embed, data, k: int = 200, temperature: float = 0.1, bank_li
         "train_images": int(len(train)),
         "test_images": int(len(test)),
         "input": data.kind,
+        "undecodable": {"train": train_split.skipped, "test": test_split.skipped},
         "embedding_dim": int(train.shape[1]),
         "knn": {"top1": knn_top1, "k": k, "temperature": temperature, "bank_images": int(len(bank))},
         "linear_probe": probe,

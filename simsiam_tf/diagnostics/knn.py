@@ -75,3 +75,6 @@ class KnnProbe:
             top1[name] = knn_accuracy(bank, bank_labels, queries, labels, num_classes, self.k, self.temperature)
         return top1
 
+    def skipped(self) -> dict[str, int]:
+        """Images of each query split that could not be decoded in the last evaluation."""
+        return {name: split.skipped for name, split in self.queries.items()}
