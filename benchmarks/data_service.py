@@ -15,7 +15,7 @@ into 16 TFRecord shards, read at 224 px with the whole augmentation on the host
   uncompressed).
 
 All use the same cores and deliver the same batches, in the one batch format (uint8
-[B, S, S, 6], normalised later by `train_step` on the device), so the ratio in-process /
+[B, 2, S, S, 3], normalised later by `train_step` on the device), so the ratio in-process /
 service is the service's overhead per pair on this machine: serialising each batch,
 sending it over gRPC and receiving it.
 "trainer CPU" is the CPU time this process spends per pair while reading, which on a

@@ -10,7 +10,7 @@ Runs `simsiam_tf.training.run` (what train.py runs) on a fixed subset of
 ../shared/datasets/cifar10, kNN and diagnostics off, and records the time of every
 step and the process RSS at every epoch end. Then, in the same process, the same model
 trains the same number of steps on one constant batch already in memory (random uint8
-views in the batch format, [B, S, S, 6]): no input pipeline at all. The input wait is the fraction of the real step time that the
+views in the batch format, [B, 2, S, S, 3]): no input pipeline at all. The input wait is the fraction of the real step time that the
 constant-batch steps do not need: 1 - t_constant / t_real.
 """
 
@@ -75,9 +75,9 @@ def main(argv=None) -> int:
 
     model = build_simsiam(config)
     model.compile(optimizer=make_optimizer(model, config, args.steps), jit_compile=False)
-    # One batch in the batch format (uint8 [B, S, S, 6], both views), which train_step
+    # One batch in the batch format (uint8 [B, 2, S, S, 3], both views), which train_step
     # unpacks, normalises and (with --augment-on device) augments itself.
-    x = tf.cast(tf.random.uniform([args.batch, size, size, 6], 0, 256, tf.int32), tf.uint8)
+    x = tf.cast(tf.random.uniform([args.batch, 2, size, size, 3], 0, 256, tf.int32), tf.uint8)
     constant = StepClock()
     model.fit(tf.data.Dataset.from_tensors(x).repeat(), steps_per_epoch=args.steps, epochs=2,
               verbose=0, callbacks=[constant], shuffle=False)

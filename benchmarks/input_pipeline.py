@@ -6,7 +6,7 @@
 Four pipelines, all producing two augmented views per image, batch 256:
 - memory: the in-memory training input (`simsiam_tf.input.memory.MemoryInput.worker_batches`,
   what `train.py --input memory` runs): uint8 images held in memory, each image's two
-  views made from its own seed, batches in the one batch format (uint8 [B, S, S, 6],
+  views made from its own seed, batches in the one batch format (uint8 [B, 2, S, S, 3],
   normalised later by `train_step` on the device);
 - batched keras-cv layer: the vectorised keras-cv layer (`augment.SimSiamAugment`) on
   batches gathered by index from the same uint8 images, every random parameter drawn
@@ -64,7 +64,7 @@ def _rate(ds: tf.data.Dataset, batches: int, warmup: int = 3) -> float:
         next(it)
     started = time.perf_counter()
     for _ in range(batches):
-        batch = next(it)  # uint8 [B, S, S, 6] (the batch format), or a float (x1, x2) pair
+        batch = next(it)  # uint8 [B, 2, S, S, 3] (the batch format), or a float (x1, x2) pair
     (batch[0] if isinstance(batch, tuple) else batch).numpy()
     return batches * BATCH / (time.perf_counter() - started)
 

@@ -5,7 +5,7 @@
     python benchmarks/profile_step.py --batch 64 --onednn --torch # ... and the PyTorch reference's
 
 Without --onednn: `SimSiam.train_step` in a `tf.function`, on one batch of random uint8
-views in the batch format ([B, 32, 32, 6], which the step unpacks and normalises), warm-up
+views in the batch format ([B, 2, 32, 32, 3], which the step unpacks and normalises), warm-up
 steps first, then `--steps` steps traced with `tf.profiler.experimental`; prints the time
 per step of each TensorFlow op type (summed over threads, so the total exceeds the wall
 time when ops run side by side) and its share.
@@ -52,8 +52,8 @@ def _step_function(batch: int, precision: str, width: int):
     keras.utils.set_random_seed(0)
     model = build_simsiam(config)
     model.compile(optimizer=make_optimizer(model, config, steps_per_epoch=100))
-    # One batch in the batch format (uint8 [B, S, S, 6], both views), as every input delivers it.
-    views = tf.cast(tf.random.uniform([batch, 32, 32, 6], 0, 256, tf.int32, seed=1), tf.uint8)
+    # One batch in the batch format (uint8 [B, 2, S, S, 3], both views), as every input delivers it.
+    views = tf.cast(tf.random.uniform([batch, 2, 32, 32, 3], 0, 256, tf.int32, seed=1), tf.uint8)
     step = tf.function(model.train_step)
     return lambda: step(views)["loss"].numpy()
 

@@ -8,7 +8,7 @@ temp dir (`common.photo_folder`; the first run writes them, about 2.5 GB for 50,
 They are made in a child process, so the peak memory reported is the epoch's (with
 TensorFlow's own). The epoch is what training reads:
 `simsiam_tf.input.stream.StreamInput.worker_batches` at batch 256, in the one batch
-format (uint8 [B, S, S, 6]), the whole augmentation on the host (or `--augment-on
+format (uint8 [B, 2, S, S, 3]), the whole augmentation on the host (or `--augment-on
 device`: decode, crop and resize only), every batch pulled to NumPy as `fit()` would.
 Peak RSS is the process's high water mark (ru_maxrss), sampled after every batch, so
 it includes TensorFlow itself; the RSS just before the epoch (TensorFlow, the pipeline

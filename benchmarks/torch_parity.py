@@ -12,7 +12,7 @@ our initial weights (conv kernels HWIO -> OIHW, dense kernels transposed, BatchN
 beta, running mean and variance; momentum and epsilon checked equal), and both take the
 same steps on the same fixed batches of random uint8 views (the augmentation is not part
 of this comparison), on the CPU: ours in the batch format every input delivers (uint8
-[B, S, S, 6], both views), which its `train_step` unpacks and normalises itself;
+[B, 2, S, S, 3], both views), which its `train_step` unpacks and normalises itself;
 PyTorch the same views normalised here exactly as `simsiam_tf.model.normalize_uint8`
 does, (x / 255 - mean) / std in float32 with ImageNet's mean and std. The views our
 step actually normalised are recorded and must match PyTorch's inputs to float32
@@ -254,7 +254,7 @@ def run_ours(args, batches: np.ndarray, inputs: tuple[np.ndarray, np.ndarray]) -
     """Our model trained `args.steps` steps by its own train_step on the fixed batches.
 
     Returns (arrays for the .npz, facts about our side). `batches` are uint8 [steps, B,
-    S, S, 6] (the batch format); `inputs` the float32 views PyTorch gets, [steps, B, S, S,
+    2, S, S, 3] (the batch format); `inputs` the float32 views PyTorch gets, [steps, B, S, S,
     3] each, which the views our train_step normalises are compared with.
     """
     import keras
@@ -359,7 +359,7 @@ def run_ours(args, batches: np.ndarray, inputs: tuple[np.ndarray, np.ndarray]) -
                 for view, slot in enumerate(slots, 1):
                     arrays[f"ours/{s}/relu/{view}/{key}"] = pack_mask(slot.numpy())
 
-    dataset = tf.data.Dataset.from_tensor_slices(batches)  # one element = one step's uint8 [B, S, S, 6]
+    dataset = tf.data.Dataset.from_tensor_slices(batches)  # one element = one step's uint8 [B, 2, S, S, 3]
     optimizer.apply_gradients = recorded_apply
     losses.simsiam_loss = recorded_loss
     model_lib.normalize_uint8 = recorded_normalize
@@ -877,11 +877,11 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import machine  # noqa: E402  (adds the repository to sys.path; quiets TF's C++ logs)
 
-    # Random uint8 views in the batch format (view 1 in channels 0-2, view 2 in 3-5);
+    # Random uint8 views in the batch format ([:, :, 0] the first view, [:, :, 1] the second);
     # PyTorch gets them normalised as our train_step normalises them.
     rng = np.random.default_rng(args.seed)
-    batches = rng.integers(0, 256, (args.steps, args.batch, args.size, args.size, 6), dtype=np.uint8)
-    views1, views2 = normalize(batches[..., :3]), normalize(batches[..., 3:])
+    batches = rng.integers(0, 256, (args.steps, args.batch, 2, args.size, args.size, 3), dtype=np.uint8)
+    views1, views2 = normalize(batches[:, :, 0]), normalize(batches[:, :, 1])
     arrays, ours = run_ours(args, batches, (views1, views2))
     meta = {
         "width": args.width, "dim": args.dim, "pred_dim": args.pred_dim, "proj_layers": 2, "batch": args.batch,

@@ -8,7 +8,7 @@ Times are medians over the timed steps, after `warmup` steps that trace and comp
 
 For float32 and bfloat16, with XLA off and on, in one process:
 - fit step: `SimSiam.train_step` through `fit()`, as training runs it, on one batch
-  of random uint8 views in the batch format ([B, S, S, 6]: unpacking and normalising
+  of random uint8 views in the batch format ([B, 2, S, S, 3]: unpacking and normalising
   them, both views through backbone, projector and predictor, the symmetric loss,
   gradients, the SGD update), timed per step by a callback;
 - direct step: the same `train_step` called in a `tf.function`, without `fit()`;
@@ -60,8 +60,8 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
     model = build_simsiam(config)
     model.compile(optimizer=make_optimizer(model, config, steps_per_epoch=100), jit_compile=jit)
     size = config.image_size
-    # The batch format: both views in one uint8 [B, S, S, 6] tensor, as every input delivers.
-    views = tf.cast(tf.random.uniform([batch, size, size, 6], 0, 256, tf.int32, seed=1), tf.uint8)
+    # The batch format: both views in one uint8 [B, 2, S, S, 3] tensor, as every input delivers.
+    views = tf.cast(tf.random.uniform([batch, 2, size, size, 3], 0, 256, tf.int32, seed=1), tf.uint8)
     ds = tf.data.Dataset.from_tensors(views).repeat()
     # One fit() call, as in training, timed per step by a callback: every separate fit()
     # call can retrace the train function (measured: +20 s on the second call), which

@@ -326,6 +326,15 @@ _blur_xla = tf.function(lambda x, sigma, radius: gaussian_blur(x, sigma, radius)
 _select_normalize_xla = tf.function(lambda x, b, bm: normalize(tf.where(_per_image(bm), b, x)), jit_compile=True)
 
 
+def _to_uint8(x):
+    """Whole grey levels, as torchvision holds an augmented image (and `_photometric_image`)."""
+    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+_mix_uint8_xla = tf.function(lambda x, j, jm, gm: _to_uint8(_mix(x, j, jm, gm)), jit_compile=True)
+_select_uint8_xla = tf.function(lambda x, b, bm: _to_uint8(tf.where(_per_image(bm), b, x)), jit_compile=True)
+
+
 def color_jitter(images, factors, order, xla=True):
     """torchvision ColorJitter with per-image factors and a per-image order.
 
@@ -418,24 +427,26 @@ def blur_radius(spec: AugmentSpec) -> int:
     return int(round(3 * spec.blur_sigma[1]))
 
 
-def _photometric_batch(x, t, spec: AugmentSpec):
-    """Jitter, grayscale, blur and normalisation of float views in [0, 1] (flip done)."""
+def _photometric_batch(x, t, spec: AugmentSpec, uint8_out: bool = False):
+    """Jitter, grayscale, blur and normalisation of float views in [0, 1] (flip done);
+    with `uint8_out`, rounded to whole grey levels instead of normalised."""
     jittered = color_jitter(x, t["jitter_factors"], t["jitter_order"])
     if spec.blur_prob > 0:
         x = _mix_xla(x, jittered, t["jitter"], t["grayscale"])
         blurred = _blur_xla(x, t["blur_sigma"], blur_radius(spec))
-        return _select_normalize_xla(x, blurred, t["blur"])
-    return _mix_normalize_xla(x, jittered, t["jitter"], t["grayscale"])
+        return (_select_uint8_xla if uint8_out else _select_normalize_xla)(x, blurred, t["blur"])
+    return (_mix_uint8_xla if uint8_out else _mix_normalize_xla)(x, jittered, t["jitter"], t["grayscale"])
 
 
-def photometric_batch(views, params: dict, spec: AugmentSpec):
+def photometric_batch(views, params: dict, spec: AugmentSpec, uint8_out: bool = False):
     """The photometric half on a batch of crops: uint8 or float [B, S, S, 3] in 0..255
-    -> float32 [B, S, S, 3], normalised. Every op runs on the whole batch (static
+    -> float32 [B, S, S, 3], normalised (or, with `uint8_out`, uint8 before the
+    normalisation, as `photometric_image`). Every op runs on the whole batch (static
     shapes, what accelerators and XLA want); an image's skipped steps are masked out.
     """
     views = tf.convert_to_tensor(views)
     flipped = tf.where(tf.reshape(params["flip"], [-1, 1, 1, 1]), tf.reverse(views, [2]), views)
-    return _photometric_batch(_scale_xla(tf.cast(flipped, tf.float32)), params, spec)
+    return _photometric_batch(_scale_xla(tf.cast(flipped, tf.float32)), params, spec, uint8_out)
 
 
 def _photometric_image(view, flip, jitter_factors, jitter_order, jitter, grayscale, blur, blur_sigma, radius,

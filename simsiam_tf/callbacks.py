@@ -216,7 +216,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
         if self.knn is not None and self.knn.initial_epoch == 0:
             self._scalar("knn/test_top1", self.knn.initial_top1, 0)
         if self.views is not None:
-            pairs = np.concatenate([self.views[..., :3], self.views[..., 3:]], axis=2)
+            pairs = np.concatenate([self.views[:, 0], self.views[:, 1]], axis=2)
             with self.writer.as_default():
                 tf.summary.image("views/pairs", pairs, step=0, max_outputs=len(pairs))
 

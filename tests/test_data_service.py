@@ -107,7 +107,7 @@ def test_one_epoch_delivers_every_image_of_a_folder_exactly_once(cluster, tmp_pa
     # Two epochs and the reserve: epoch 1 completes long before the stream's end, where
     # each worker drops its last partial batch (training never reads that far).
     for batch, epoch, ids in _read(inp, 50, epochs=2):
-        assert batch.dtype == tf.uint8 and batch.shape == (50, 16, 16, 6)  # device mode: the crops
+        assert batch.dtype == tf.uint8 and batch.shape == (50, 2, 16, 16, 3)  # device mode: the crops
         seen += zip(epoch.numpy().tolist(), ids.numpy().tolist())
         if sum(1 for e, _ in seen if e == 0) == 1000 or len(seen) >= 2500:
             break

@@ -5,7 +5,7 @@ images (each image's colour says which it is, whatever the crop):
 - the same training, validation and test images, and the same steps per epoch;
 - the same first batch of crops for the same seed on memory and stream;
 - every training image exactly once per epoch, in a different order the next epoch;
-- batches in the one batch format, uint8 [B, S, S, 6].
+- batches in the one batch format, uint8 [B, 2, S, S, 3].
 """
 
 import numpy as np
@@ -110,7 +110,7 @@ def test_memory_and_stream_make_the_same_first_batch(inputs):
             next(iter(inputs[kind].batches(tf.distribute.get_strategy(), 8, SPEC, 3, 1, augment_on=augment_on)))
             for kind in ("memory", "stream")
         ]
-        assert first[0].dtype == tf.uint8 and first[0].shape == (8, SIZE, SIZE, 6)
+        assert first[0].dtype == tf.uint8 and first[0].shape == (8, 2, SIZE, SIZE, 3)
         np.testing.assert_array_equal(first[0].numpy(), first[1].numpy(), err_msg=augment_on)
 
 
@@ -120,7 +120,7 @@ def test_every_image_once_per_epoch_in_a_new_order_each_epoch(inputs, folder, ki
     inp = inputs[kind]
     steps = inp.steps_per_epoch(8)
     got = _epochs(inp, 8, 2)
-    assert all(b.dtype == tf.uint8 and b.shape == (8, SIZE, SIZE, 6) for b in got)
+    assert all(b.dtype == tf.uint8 and b.shape == (8, 2, SIZE, SIZE, 3) for b in got)
     seen = [np.concatenate([_images_of(b, colours) for b in got[e * steps : (e + 1) * steps]]) for e in range(2)]
     train = set(_which(inp.eval_split("train").materialize()[0], colours))
     for epoch in seen:
@@ -145,7 +145,7 @@ def test_the_service_delivers_every_image_once_per_data_epoch_in_a_new_order(inp
     colour_of = np.array([int(p.rsplit("/", 1)[1][:3]) for p in files])  # stored index -> its image's colour
     by_epoch = {0: [], 1: []}
     for batch, epoch, ids in stream.take(3 * 6):  # the two epochs and the reserve's first
-        assert batch.dtype == tf.uint8 and batch.shape == (8, SIZE, SIZE, 6)
+        assert batch.dtype == tf.uint8 and batch.shape == (8, 2, SIZE, SIZE, 3)
         np.testing.assert_array_equal(_images_of(batch, colours), colour_of[ids.numpy()])
         for e, i in zip(epoch.numpy(), ids.numpy()):
             by_epoch.setdefault(int(e), []).append(int(i))

@@ -172,7 +172,7 @@ def test_batches_are_the_batch_format_and_resume_exactly_where_they_stopped():
     full = _epochs(memory, 8, seed=1, epochs=3)
     tail = _epochs(memory, 8, seed=1, epochs=3, initial_epoch=1)
     assert len(full) == 15 and len(tail) == 10
-    assert full[0].shape == (8, 16, 16, 6) and full[0].dtype == np.uint8
+    assert full[0].shape == (8, 2, 16, 16, 3) and full[0].dtype == np.uint8
     for a, b in zip(full[5:], tail):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(_epochs(memory, 8, seed=2, epochs=1)[0], full[0])

@@ -128,7 +128,7 @@ def _check_fixed_predictor_lr(strategy):
     from simsiam_tf.input import batches
     from simsiam_tf.model import normalize_uint8
 
-    batch = tf.constant(np.random.default_rng(0).integers(0, 256, (32, 16, 16, 6)), tf.uint8)  # the input's format
+    batch = tf.constant(np.random.default_rng(0).integers(0, 256, (32, 2, 16, 16, 3)), tf.uint8)  # the input's format
     with tf.GradientTape() as tape:
         p1, p2, z1, z2 = reference.forward_pair(*map(normalize_uint8, batches.unpack(batch)), training=True)
         loss = losses.simsiam_loss(p1, p2, z1, z2)

@@ -386,7 +386,7 @@ def test_memory_path_at_32px_is_unchanged():
     source = sources.ArraySource("golden", {"train": (rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), None)})
     memory = MemoryInput(source, catalog.decide_splits(source.stored), 32)
     ds = memory.worker_batches(8, 0, 1, aug.AugmentSpec.for_image_size(32), seed=3, epochs=2)
-    sums = np.concatenate([b.numpy().astype(np.int64).sum(axis=(1, 2)) for b in ds.take(3)])
+    sums = np.concatenate([b.numpy().astype(np.int64).sum(axis=(2, 3)) for b in ds.take(3)])  # [B, view, channel]
     np.testing.assert_array_equal(sums, golden["batch_sums"])
     evaluated = aug.eval_preprocess(tf.constant(rng.integers(0, 256, (2, 40, 24, 3), dtype=np.uint8)), 32).numpy()
     np.testing.assert_allclose(evaluated.sum(axis=(1, 2)), golden["eval_sums"], atol=0.02)
@@ -404,5 +404,5 @@ def test_a_hostile_folder_streams_like_it_loads(tmp_path):
     assert total == 12 + bad  # every file is listed, the self-link "loop.jpg" too; "up" is no class
     spec = aug.AugmentSpec(image_size=32)
     views = [b for b in inp.worker_batches(total, spec, seed=0, epochs=1, augment_on="device")]
-    assert len(views) == 1 and views[0].shape == (total, 32, 32, 6) and views[0].dtype == tf.uint8
+    assert len(views) == 1 and views[0].shape == (total, 2, 32, 32, 3) and views[0].dtype == tf.uint8
     assert inp.skipped_in_training() == bad

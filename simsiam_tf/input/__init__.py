@@ -6,7 +6,7 @@
     records.py   prepare.py's TFRecord shards and their index.json
     order.py     an epoch's order and each image's seed, the same on every path
     decode.py    encoded images to crops and views: the one decode stage
-    batches.py   the one batch format (uint8 [B, S, S, 6]) and the per-worker split
+    batches.py   the one batch format (uint8 [B, 2, S, S, 3]) and the per-worker split
     contract.py  what a training input and an evaluation split are
     memory.py, stream.py, service.py   the three inputs
 

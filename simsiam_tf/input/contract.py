@@ -6,7 +6,7 @@ branched on.
 
 An input reads the splits its dataset's catalog decided (`catalog.decide_splits`):
 the same training, validation and test images on every path. Its training batches are
-in the one batch format (`batches`): uint8 [B, S, S, 6], two views per image.
+in the one batch format (`batches`): uint8 [B, 2, S, S, 3], two views per image.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class TrainingInput(Protocol):
 
     def preview(self, spec, seed: int, count: int = 8) -> np.ndarray | None:
         """The fully augmented views of the first `count` images of the first epoch,
-        uint8 [count, S, S, 6], or None when there are fewer images."""
+        uint8 [count, 2, S, S, 3], or None when there are fewer images."""
 
     def shards(self) -> list[str]:
         """The TFRecord files it reads (to name a damaged one after a DataLossError)."""

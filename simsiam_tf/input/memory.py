@@ -105,18 +105,25 @@ class MemoryInput:
         positions = tf.reshape(positions, [-1])
 
         def epoch_rows(epoch):
-            rows = order.shuffled(positions, seed, epoch, n)
-            return tf.data.Dataset.from_tensor_slices(rows).map(lambda row: (epoch, row))
+            rows = tf.reshape(order.shuffled(positions, seed, epoch, n), [-1, local])
+            return tf.data.Dataset.from_tensor_slices(rows).map(lambda batch_rows: (epoch, batch_rows))
 
-        def views(epoch, row):
-            return decode.image_views(stored[row], order.image_seed(seed, epoch, ids[row]), spec, augment_on)
+        per_image, per_batch = decode.view_stage(spec, augment_on)
+        one = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), per_image(stored[0], order.image_seed(0, 0, 0)))
+
+        def views(epoch, batch_rows):
+            # Image by image inside one call per batch: a third faster at 32 px than a
+            # dataset element per image (each image's few small ops dominate there).
+            parts = tf.map_fn(
+                lambda row: per_image(stored[row], order.image_seed(seed, epoch, ids[row])), batch_rows,
+                fn_output_signature=one, parallel_iterations=32,
+            )
+            return batches.pack(per_batch(parts))
 
         return (
             tf.data.Dataset.range(initial_epoch, epochs)
             .flat_map(epoch_rows)
             .map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .batch(local, drop_remainder=True)
-            .map(batches.pack)
             .prefetch(tf.data.AUTOTUNE)
         )
 

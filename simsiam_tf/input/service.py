@@ -183,15 +183,17 @@ class ServiceInput:
             records = order.shuffle_buffer(unit_records(epoch, u), seed, epoch, BUFFER, stream=u)
             return records.map(lambda index, item, label: (epoch, index, item))
 
+        per_image, per_batch = decode.view_stage(spec, augment_on)
+
         def views(epoch, index, item):
-            pair = decode.image_views(source.load(item), order.image_seed(seed, epoch, index), spec, augment_on)
-            return pair, tf.cast(epoch, tf.int32), tf.cast(index, tf.int32)
+            parts = per_image(source.load(item), order.image_seed(seed, epoch, index))
+            return parts, tf.cast(epoch, tf.int32), tf.cast(index, tf.int32)
 
         records = tf.data.Dataset.range(first, last).interleave(unit, cycle_length=min(INTERLEAVE, count), block_length=1)
         return (
             decode.decoded(records, views, deterministic=False)
             .batch(local_batch, drop_remainder=True)
-            .map(lambda pair, epoch, index: (batches.pack(pair), epoch, index))
+            .map(lambda parts, epoch, index: (batches.pack(per_batch(parts)), epoch, index))
             .prefetch(1)
         )
 

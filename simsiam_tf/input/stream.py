@@ -134,13 +134,13 @@ class StreamInput:
                 f"images each worker reads per epoch; use a smaller --batch-size"
             )
         source, skipped, members = self.source, self._skipped, self.splits["train"].indices
+        per_image, per_batch = decode.view_stage(spec, augment_on)
 
         def epoch_batches(epoch):
             records = source.epoch_records(members, seed, epoch, worker, workers)
 
             def views(position, index, item):
-                return position, decode.image_views(source.load(item), order.image_seed(seed, epoch, index), spec,
-                                                    augment_on)
+                return position, per_image(source.load(item), order.image_seed(seed, epoch, index))
 
             def decoded(indexed):
                 return decode.decoded(indexed.map(lambda p, record: (p, record[0], record[1])), views)
@@ -157,16 +157,16 @@ class StreamInput:
                 missed = tf.minimum(position, count) - tf.minimum(previous + 1, count)
                 return position, (missed, pair)
 
-            def count_skipped(missed, pair):
+            def count_skipped(missed, parts):
                 with tf.control_dependencies([skipped.assign_add(missed)]):
-                    return tf.identity(pair)
+                    return tf.nest.map_structure(tf.identity, parts)
 
             return (
                 images.scan(tf.constant(-1, tf.int64), gap)
                 .map(count_skipped)
                 .take(steps * local_batch)
                 .batch(local_batch, drop_remainder=True)
-                .map(batches.pack)
+                .map(lambda parts: batches.pack(per_batch(parts)))
             )
 
         return tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches).prefetch(2)
