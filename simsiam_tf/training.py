@@ -183,66 +183,34 @@ def run(
     """
     started = time.time()
     strategy = strategy or distribute.make_strategy(config.strategy, config.cpu_replicas)
-    replicas, workers, chief = strategy.num_replicas_in_sync, distribute.num_workers(strategy), distribute.is_chief(strategy)
+    chief = distribute.is_chief(strategy)
     say = print if verbose and chief else (lambda *a, **k: None)
-    if config.precision == "auto":  # config.json records the precision actually used
-        precision, reason = distribute.resolve_precision(config.precision, strategy)
-        config = config.replace(precision=precision)
-        say(f"precision: {precision} ({reason})", flush=True)
-    say(distribute.onednn_state()[1], flush=True)
+    config = _resolve_precision(config, strategy, say)
     if chief:  # other workers find the chief's files there: that is expected
         check_logdir(logdir, resume)
     training_input, config = open_training_input(config, strategy, lambda line: say(line, flush=True))
-    check_batch(config, training_input.num_train, replicas)
-    steps = training_input.steps_per_epoch(config.batch_size, workers)
-    if steps < 1:
-        raise UsageError(
-            f"--batch-size {config.batch_size} is larger than the images each of the {workers} workers reads "
-            "per epoch; use a smaller --batch-size"
-        )
+    steps = _steps_per_epoch(config, training_input, strategy)
     model = build(config, strategy, steps)
     check_disk_space(logdir, model)
-    restore_dir = backup_dir = os.path.join(logdir, LAST_DIR)
-    if not chief:
-        backup_dir = os.path.join(logdir, "checkpoints", f"last-{distribute.worker_id(strategy)}")
-    initial_epoch = completed_epochs(restore_dir) if resume else 0
-    run_ctx = RunContext(logdir, backup_dir, initial_epoch, _previous_summary(logdir, resume, initial_epoch), chief,
-                         config.data_service_grace)
-    if initial_epoch >= config.epochs:
+    run_ctx = _run_context(config, logdir, resume, strategy)
+    if run_ctx.initial_epoch >= config.epochs:
         print(f"{logdir}: all {config.epochs} epochs are already done", flush=True)
         return run_ctx.previous
     _note_device_augmentation(config, strategy, say)
-    spec = aug.AugmentSpec.for_image_size(config.image_size)
     # Made before anything is written: through the tf.data service this registers the
     # pipeline, which fails with one line if the dispatcher does not answer.
-    batches = training_input.batches(strategy, config.batch_size, spec, config.seed, config.epochs, initial_epoch,
-                                     config.augment_on)
+    batches = training_input.batches(strategy, config.batch_size, aug.AugmentSpec.for_image_size(config.image_size),
+                                     config.seed, config.epochs, run_ctx.initial_epoch, config.augment_on)
     if chief:
         _write_config(config, logdir, resume)
     reporting = reporting_callbacks(config, training_input, steps, run_ctx)
-    # The input's own callbacks (a watchdog first, counters before the loggers), then
-    # the guard, so a NaN step is flagged before anything saves; the backup is restored
-    # before anything evaluates the model and saved after the summary is written, so on
-    # resume the summary is never an epoch behind it.
-    backup = checkpoints.AtomicBackupAndRestore(backup_dir, restore_dir)
-    save = checkpoints.SaveBackup(backup, steps)
-    callbacks = [
-        *training_input.callbacks(run_ctx), cb.DivergenceGuard(), backup, _ScheduleAtEpoch(initial_epoch, steps),
-        keras.callbacks.ProgbarLogger(), *reporting, save, *extra_callbacks,
-    ]
-    print(
-        f"Training {'SimCLR' if config.method == 'simclr' else 'SimSiam'} ({config.preset} preset) on "
-        f"{training_input.name}: {training_input.num_train:,} images, {steps} steps/epoch, epochs "
-        f"{initial_epoch + 1}-{config.epochs}, global batch {config.batch_size} on {replicas} replica(s), "
-        f"lr {config.lr:g}, logdir {logdir}",
-        flush=True,
-    )
+    callbacks, save = _callbacks(training_input, reporting, run_ctx, steps, extra_callbacks)
+    print(_start_line(config, training_input, steps, run_ctx.initial_epoch, strategy, logdir), flush=True)
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
-    _fit(model, batches, config, logdir, initial_epoch, steps, callbacks, training_input, backup_dir, restore_dir,
-         replicas, verbose)
+    _fit(model, batches, config, run_ctx, steps, callbacks, training_input, verbose, strategy.num_replicas_in_sync)
     summary = next(c for c in reporting if isinstance(c, cb.RunSummary)).summary
-    _check_complete(model, config, steps, save.cut_short, summary, logdir, backup_dir, restore_dir)
+    _check_complete(model, config, steps, save.cut_short, summary, run_ctx)
     if chief and config.projector_images and contract.can_monitor_knn(training_input):
         images, labels = training_input.eval_split("test", config.projector_images).materialize()
         projector.write_projector(os.path.join(logdir, "tb"), model.backbone, images, labels,
@@ -250,6 +218,65 @@ def run(
     if summary.get("knn_top1") is not None:
         print(_final_line(summary, time.time() - started), flush=True)
     return summary
+
+
+def _resolve_precision(config: TrainConfig, strategy, say) -> TrainConfig:
+    """`--precision auto` made concrete (config.json records the precision used)."""
+    if config.precision == "auto":
+        precision, reason = distribute.resolve_precision(config.precision, strategy)
+        config = config.replace(precision=precision)
+        say(f"precision: {precision} ({reason})", flush=True)
+    say(distribute.onednn_state()[1], flush=True)
+    return config
+
+
+def _steps_per_epoch(config: TrainConfig, training_input, strategy) -> int:
+    check_batch(config, training_input.num_train, strategy.num_replicas_in_sync)
+    workers = distribute.num_workers(strategy)
+    steps = training_input.steps_per_epoch(config.batch_size, workers)
+    if steps < 1:
+        raise UsageError(
+            f"--batch-size {config.batch_size} is larger than the images each of the {workers} workers reads "
+            "per epoch; use a smaller --batch-size"
+        )
+    return steps
+
+
+def _run_context(config: TrainConfig, logdir: str, resume: bool, strategy) -> RunContext:
+    """Where this process backs up (every worker its own copy; all restore the chief's),
+    the epoch it starts at, and the summary it continues."""
+    chief = distribute.is_chief(strategy)
+    backup_dir = os.path.join(logdir, LAST_DIR)
+    if not chief:
+        backup_dir = os.path.join(logdir, "checkpoints", f"last-{distribute.worker_id(strategy)}")
+    initial_epoch = completed_epochs(os.path.join(logdir, LAST_DIR)) if resume else 0
+    return RunContext(logdir, backup_dir, initial_epoch, _previous_summary(logdir, resume, initial_epoch), chief,
+                      config.data_service_grace)
+
+
+def _callbacks(training_input, reporting, run: RunContext, steps: int, extra=()):
+    """Every callback of a run in the order they must run, and the one that saves.
+
+    The input's own callbacks come first (a watchdog, counters the loggers read), then
+    the guard, so a NaN step is flagged before anything saves; the backup is restored
+    before anything evaluates the model and saved after the summary is written, so on
+    resume the summary is never an epoch behind it.
+    """
+    backup = checkpoints.AtomicBackupAndRestore(run.backup_dir, os.path.join(run.logdir, LAST_DIR))
+    save = checkpoints.SaveBackup(backup, steps)
+    return [
+        *training_input.callbacks(run), cb.DivergenceGuard(), backup, _ScheduleAtEpoch(run.initial_epoch, steps),
+        keras.callbacks.ProgbarLogger(), *reporting, save, *extra,
+    ], save
+
+
+def _start_line(config: TrainConfig, training_input, steps: int, initial_epoch: int, strategy, logdir: str) -> str:
+    return (
+        f"Training {'SimCLR' if config.method == 'simclr' else 'SimSiam'} ({config.preset} preset) on "
+        f"{training_input.name}: {training_input.num_train:,} images, {steps} steps/epoch, epochs "
+        f"{initial_epoch + 1}-{config.epochs}, global batch {config.batch_size} on "
+        f"{strategy.num_replicas_in_sync} replica(s), lr {config.lr:g}, logdir {logdir}"
+    )
 
 
 def _note_device_augmentation(config, strategy, say) -> None:
@@ -263,30 +290,31 @@ def _note_device_augmentation(config, strategy, say) -> None:
         )
 
 
-def _fit(model, batches, config, logdir, initial_epoch, steps, callbacks, training_input, backup_dir, restore_dir,
-         replicas, verbose) -> None:
+def _fit(model, batches, config, run: RunContext, steps, callbacks, training_input, verbose, replicas) -> None:
     """model.fit, with the failures it can meet turned into one-line errors."""
+    restore_dir = os.path.join(run.logdir, LAST_DIR)
     try:
-        model.fit(batches, epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+        model.fit(batches, epochs=config.epochs, initial_epoch=run.initial_epoch, steps_per_epoch=steps,
                   callbacks=callbacks, verbose=verbose, shuffle=False)  # the inputs order batches themselves
     except OSError as e:
         if e.errno != errno.ENOSPC and "No space left" not in str(e):
             raise
         raise UsageError(
-            f"the disk holding {logdir!r} is full; the last complete checkpoint "
-            f"(epoch {completed_epochs(backup_dir)}) is intact in {backup_dir}. Free space, then "
-            f"continue with --resume {logdir}"
+            f"the disk holding {run.logdir!r} is full; the last complete checkpoint "
+            f"(epoch {completed_epochs(run.backup_dir)}) is intact in {run.backup_dir}. Free space, then "
+            f"continue with --resume {run.logdir}"
         )
     except tf.errors.DataLossError as e:
-        raise UsageError(_damaged_data_message(training_input, e, backup_dir, logdir))
+        raise UsageError(_damaged_data_message(training_input, e, run.backup_dir, run.logdir))
     except (tf.errors.ResourceExhaustedError, MemoryError) as e:
-        raise OutOfMemory(out_of_memory_message(config, replicas, logdir, completed_epochs(restore_dir), e))
+        raise OutOfMemory(out_of_memory_message(config, replicas, run.logdir, completed_epochs(restore_dir), e))
 
 
-def _check_complete(model, config, steps, cut_short, summary, logdir, backup_dir, restore_dir) -> None:
+def _check_complete(model, config, steps, cut_short, summary, run: RunContext) -> None:
     """Raise TrainingDiverged or InputShortfall unless every step of the run was trained
     (`cut_short`: the epoch the input ended in, and the steps it trained, or None)."""
-    done = completed_epochs(restore_dir)
+    logdir, backup_dir = run.logdir, run.backup_dir
+    done = completed_epochs(os.path.join(logdir, LAST_DIR))
     if model.diverged:
         d = model.diverged
         kept = (
