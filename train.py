@@ -38,6 +38,18 @@ def _number(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
 
 
+def _micro_batch(text):
+    if text in ("auto", "off"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a whole number, got {text!r}")
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a micro-batch needs at least 2 images (BatchNorm), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="train.py",
@@ -59,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int, help="global batch, split across replicas")
+    p.add_argument(
+        "--micro-batch",
+        type=_micro_batch,
+        help="auto (default: measure one step's memory before training; if the global batch does not fit, "
+        "accumulate the gradients of the largest micro-batch that fits, same update), off (never accumulate: "
+        "exit 4 naming the largest batch that fits), or N: global micro-batch, a divisor of --batch-size. "
+        "docs/gpu.md",
+    )
     p.add_argument("--lr", type=_number, help="base learning rate; the rate used is lr * batch-size / 256")
     p.add_argument("--weight-decay", type=_number)
     p.add_argument(
@@ -149,6 +169,11 @@ def explicit_overrides(args) -> dict:
     explicit = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
     if args.lr is not None:
         explicit["base_lr"] = args.lr
+    if args.micro_batch == "auto":
+        explicit["fit_memory"] = "accumulate"
+    elif args.micro_batch is not None:  # off, or a number: measured, never changed
+        explicit["fit_memory"] = "check"
+        explicit["micro_batch"] = 0 if args.micro_batch == "off" else args.micro_batch
     if args.proj_dim and args.pred_dim is None:
         explicit["pred_dim"] = max(1, args.proj_dim // 4)  # the paper's 2048 -> 512 bottleneck
     return explicit
@@ -230,6 +255,7 @@ def _main(argv, run) -> int:
             config = resolve_resume(logdir, explicit)
         else:
             explicit.setdefault("precision", "auto")
+            explicit.setdefault("fit_memory", "accumulate")
             preset = args.preset
             if preset is None:  # from what the images are; a resumed run keeps its saved one
                 from simsiam_tf.config import choose_preset

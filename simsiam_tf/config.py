@@ -24,6 +24,7 @@ PRECISIONS = ("float32", "bfloat16", "auto")  # auto: resolved by distribute.res
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 INPUTS = ("auto", "memory", "stream")  # auto: resolved by input.resolve_input
 AUGMENT_ON = ("host", "device")
+FIT_MEMORY = ("off", "accumulate", "check")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,14 @@ class TrainConfig:
     pred_dim: int = 512
     epochs: int = 800
     batch_size: int = 512
+    # Gradient accumulation (--micro-batch): each step takes batch_size / micro_batch
+    # micro-batches of micro_batch images (global) one after another and applies their
+    # summed gradients once; 0 = the whole batch at once. fit_memory: what happens
+    # before the first step (simsiam_tf.memory_fit): "off" (library callers, tests),
+    # "accumulate" (train.py's default: measure, and accumulate if the batch does not
+    # fit) or "check" (measure, and stop with exit 4 if it does not fit).
+    micro_batch: int = 0
+    fit_memory: str = "off"
     base_lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -296,6 +305,18 @@ def validate(c: TrainConfig) -> None:
     need(c.data_service_grace > 0, f"--data-service-grace must be positive, got {c.data_service_grace}")
     need(c.epochs >= 1, f"--epochs must be at least 1, got {c.epochs}")
     need(c.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs a batch), got {c.batch_size}")
+    need(c.fit_memory in FIT_MEMORY, f"fit_memory {c.fit_memory!r}: choose one of {', '.join(FIT_MEMORY)}")
+    need(c.micro_batch >= 0, f"--micro-batch must be positive, got {c.micro_batch}")
+    need(
+        not c.micro_batch or (c.micro_batch <= c.batch_size and c.batch_size % c.micro_batch == 0),
+        f"--micro-batch {c.micro_batch} must divide --batch-size {c.batch_size} (each step accumulates "
+        "batch-size / micro-batch micro-batches)",
+    )
+    need(
+        c.method == "simsiam" or c.micro_batch in (0, c.batch_size),
+        "--micro-batch with --method simclr would shrink NT-Xent's negatives to the micro-batch; "
+        "use a smaller --batch-size instead",
+    )
     need(c.base_lr > 0 and c.base_lr < 100, f"--lr must be in (0, 100), got {c.base_lr}")
     need(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
     need(c.weight_decay >= 0, f"weight decay must be >= 0, got {c.weight_decay}")

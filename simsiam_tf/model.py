@@ -340,6 +340,9 @@ class TwoViewModel(keras.Model):
         # MultiWorkerMirroredStrategy + fit() reduces the logged scalars along axis 0
         # and fails on rank-0 values (keras-team/keras#20585); set by training code.
         self.rank1_logs = False
+        # --micro-batch: each step accumulates the gradients of this many micro-batches
+        # (`_accumulated_gradients`); set by training code.
+        self.accumulation_steps = 1
 
     @property
     def metrics(self):
@@ -349,34 +352,30 @@ class TwoViewModel(keras.Model):
         """(loss on this replica's batch, z1): the method's objective for two views."""
         raise NotImplementedError
 
-    def augment_views(self, x1, x2):
+    def augment_views(self, x1, x2, micro=None):
         """Flip, colour jitter, grayscale, blur and normalise two batches of uint8 crops.
 
-        Seeds differ per step, per replica and per view, so no two replicas (or
-        workers) draw the same parameters for their images.
+        Seeds differ per step, per replica and per view (and per micro-batch when the
+        step accumulates), so no two replicas (or workers) draw the same parameters for
+        their images.
         """
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         seed = tf.stack([tf.constant(self.augment_seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
         seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica, tf.int64))
+        if micro is not None:
+            seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(micro, tf.int64))
         seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         return self.view_augment(x1, seed=seed1), self.view_augment(x2, seed=seed2)
 
     def train_step(self, data):
         x1, x2 = batches.unpack(data)
-        if self.view_augment is not None:  # --augment-on device: the views are the crops
-            x1, x2 = self.augment_views(x1, x2)
-        else:  # augmented on the host: normalised here, on the replica's device
-            x1, x2 = normalize_uint8(x1), normalize_uint8(x2)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        with tf.GradientTape() as tape:
-            loss, z1 = self.pair_loss(x1, x2)
-            # Keras does not scale a hand-written loss; gradients are summed across
-            # replicas, so each replica contributes its share of the global mean.
-            scaled = loss / replicas
+        if self.accumulation_steps == 1:
+            loss, z1, grads = self._gradients(x1, x2, 1.0 / replicas)
+        else:
+            loss, z1, grads = self._accumulated_gradients(x1, x2, replicas)
         lr = self.current_lr()  # the rate this step applies (the schedule reads iterations)
-        variables = self.trainable_variables
-        grads = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         self.loss_tracker.update_state(loss)
         self.z_std_tracker.update_state(losses.global_z_std(z1))
         logs = {
@@ -387,6 +386,51 @@ class TwoViewModel(keras.Model):
         if self.rank1_logs:
             logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
         return logs
+
+    def _gradients(self, x1, x2, weight, micro=None):
+        """(loss, z1, gradients of weight x loss) for two batches of uint8 views.
+
+        Keras does not scale a hand-written loss, and gradients are summed across
+        replicas (and micro-batches), so `weight` is this batch's share of the global
+        batch: 1 / (replicas x micro-batches).
+        """
+        if self.view_augment is not None:  # --augment-on device: the views are the crops
+            x1, x2 = self.augment_views(x1, x2, micro)
+        else:  # augmented on the host: normalised here, on the replica's device
+            x1, x2 = normalize_uint8(x1), normalize_uint8(x2)
+        with tf.GradientTape() as tape:
+            loss, z1 = self.pair_loss(x1, x2)
+            scaled = loss * weight
+        return loss, z1, tape.gradient(scaled, self.trainable_variables)
+
+    def _accumulated_gradients(self, x1, x2, replicas):
+        """The gradients of this replica's batch, summed over `accumulation_steps`
+        micro-batches taken one after another (`--micro-batch`): the memory of one
+        micro-batch's activations, the update of the whole batch.
+
+        A `tf.while_loop` with parallel_iterations=1, so micro-batches never overlap
+        and the step is traced once whatever their number. BatchNorm normalises each
+        micro-batch by its own statistics and updates its moving averages once per
+        micro-batch, as K replicas with unsynchronised BatchNorm would (the official
+        code's per-GPU BN); the loss and z_std are of the whole batch.
+        """
+        steps = self.accumulation_steps
+        shape = tf.concat([[steps, -1], tf.shape(x1)[1:]], axis=0)
+        x1, x2 = tf.reshape(x1, shape), tf.reshape(x2, shape)
+        variables = self.trainable_variables
+        weight = 1.0 / (replicas * steps)
+
+        def body(i, loss_sum, zs, *sums):
+            loss, z1, grads = self._gradients(x1[i], x2[i], weight, micro=i)
+            zs = zs.write(i, tf.cast(z1, tf.float32))
+            return (i + 1, loss_sum + tf.cast(loss, tf.float32), zs, *(s + tf.cast(g, s.dtype) for s, g in zip(sums, grads)))
+
+        start = (
+            tf.constant(0), tf.constant(0.0), tf.TensorArray(tf.float32, size=steps, infer_shape=False),
+            *(tf.zeros(v.shape, v.dtype) for v in variables),
+        )
+        _, loss_sum, zs, *grads = tf.while_loop(lambda i, *_: i < steps, body, start, parallel_iterations=1)
+        return loss_sum / steps, zs.concat(), grads
 
     def current_lr(self) -> tf.Tensor:
         lr = self.optimizer.learning_rate

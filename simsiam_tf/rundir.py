@@ -21,11 +21,12 @@ from simsiam_tf.config import TrainConfig, UsageError, load_config, validate
 LAST_DIR = os.path.join("checkpoints", "last")
 BEST_DIR = os.path.join("checkpoints", "best")
 WEIGHTS_FILE = "model.weights.h5"
-RUNTIME_KEYS = ("data_service", "data_service_grace")
+RUNTIME_KEYS = ("data_service", "data_service_grace", "fit_memory")
 # What `--resume` may change, recorded in config.json's `resume_changes`: the learning
-# rate (the advice after a divergence) and the global batch (the advice after running
-# out of memory). The cosine schedule continues at the same epoch with the new values.
-RESUMABLE_KEYS = {"base_lr": "--lr", "batch_size": "--batch-size"}
+# rate (the advice after a divergence), the global batch and the micro-batch (the
+# advice after running out of memory). The cosine schedule continues at the same epoch
+# with the new values.
+RESUMABLE_KEYS = {"base_lr": "--lr", "batch_size": "--batch-size", "micro_batch": "--micro-batch"}
 MULTI_WORKER_DOC = "see docs/multi_worker.md#tf_config"
 
 
@@ -78,7 +79,7 @@ def resolve_resume(logdir: str, explicit: dict, announce=print) -> TrainConfig:
             "--resume keeps the run's configuration, but these flags differ: "
             + "; ".join(clashes)
             + ". Drop them, or start a new run (only "
-            + " and ".join(RESUMABLE_KEYS.values())
+            + ", ".join(list(RESUMABLE_KEYS.values())[:-1]) + " and " + list(RESUMABLE_KEYS.values())[-1]
             + " may change on --resume)"
         )
     config = config.replace(**runtime)

@@ -69,6 +69,11 @@ def check_batch(config: TrainConfig, num_train: int, replicas: int) -> None:
             f"--batch-size {config.batch_size} leaves fewer than 2 images per replica; "
             "BatchNorm needs at least 2"
         )
+    if config.micro_batch and (config.micro_batch % replicas or config.micro_batch // replicas < 2):
+        raise UsageError(
+            f"--micro-batch {config.micro_batch} must be a multiple of the {replicas} replicas with at least 2 "
+            "images per replica (BatchNorm normalises each micro-batch)"
+        )
 
 
 def reporting_callbacks(config: TrainConfig, training_input, steps: int, run: RunContext) -> list[keras.callbacks.Callback]:
@@ -132,8 +137,12 @@ def open_training_input(config: TrainConfig, strategy, announce):
 def build(config: TrainConfig, strategy, steps: int) -> keras.Model:
     """The model, compiled with its optimizer, in `strategy`'s scope, seeded from config.seed."""
     keras.utils.set_random_seed(config.seed)
+    accumulation = config.batch_size // config.micro_batch if config.micro_batch else 1
     with strategy.scope():
-        model = build_model(config, sync_bn=strategy.num_replicas_in_sync > 1)
+        # Accumulating, BatchNorm normalises each micro-batch on its replica
+        # (TwoViewModel._accumulated_gradients); otherwise over the global batch.
+        model = build_model(config, sync_bn=strategy.num_replicas_in_sync > 1 and accumulation == 1)
+        model.accumulation_steps = accumulation
         model.rank1_logs = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         model.compile(optimizer=make_optimizer(model, config, steps), jit_compile=False)
         model.optimizer.build(model.trainable_variables)
@@ -190,6 +199,7 @@ def run(
         check_logdir(logdir, resume)
     training_input, config = open_training_input(config, strategy, lambda line: say(line, flush=True))
     steps = _steps_per_epoch(config, training_input, strategy)
+    config = _fit_memory(config, strategy, logdir, resume)
     model = build(config, strategy, steps)
     check_disk_space(logdir, model)
     run_ctx = _run_context(config, logdir, resume, strategy)
@@ -228,6 +238,26 @@ def _resolve_precision(config: TrainConfig, strategy, say) -> TrainConfig:
         say(f"precision: {precision} ({reason})", flush=True)
     say(distribute.onednn_state()[1], flush=True)
     return config
+
+
+def _fit_memory(config: TrainConfig, strategy, logdir: str, resume: bool) -> TrainConfig:
+    """The micro-batch the batch needs to fit this machine's memory
+    (`memory_fit.plan`), measured before anything is written; config.json records it.
+    A resumed run keeps its micro-batch: if it no longer fits, the line says which
+    `--resume --micro-batch` does (rundir.RESUMABLE_KEYS)."""
+    if config.fit_memory == "off":
+        return config
+    from simsiam_tf import memory_fit
+
+    replicas = strategy.num_replicas_in_sync
+    checked, advise = config, None
+    if resume:
+        checked = config.replace(fit_memory="check")
+        advise = lambda micro, batch: f"continue with {continue_command(logdir, micro_batch=micro)}"  # noqa: E731
+    micro, line = memory_fit.plan(checked, replicas, replicas // distribute.num_workers(strategy), advise=advise)
+    if distribute.is_chief(strategy):  # said as the start line is, whatever the verbosity
+        print(line, flush=True)
+    return config.replace(micro_batch=micro)
 
 
 def _steps_per_epoch(config: TrainConfig, training_input, strategy) -> int:
@@ -274,9 +304,15 @@ def _start_line(config: TrainConfig, training_input, steps: int, initial_epoch: 
     return (
         f"Training {'SimCLR' if config.method == 'simclr' else 'SimSiam'} ({config.preset} preset) on "
         f"{training_input.name}: {training_input.num_train:,} images, {steps} steps/epoch, epochs "
-        f"{initial_epoch + 1}-{config.epochs}, global batch {config.batch_size} on "
+        f"{initial_epoch + 1}-{config.epochs}, global batch {config.batch_size}{_micro(config)} on "
         f"{strategy.num_replicas_in_sync} replica(s), lr {config.lr:g}, logdir {logdir}"
     )
+
+
+def _micro(config: TrainConfig) -> str:
+    if not config.micro_batch or config.micro_batch == config.batch_size:
+        return ""
+    return f" ({config.batch_size // config.micro_batch} accumulated micro-batches of {config.micro_batch})"
 
 
 def _note_device_augmentation(config, strategy, say) -> None:
@@ -379,9 +415,16 @@ def out_of_memory_message(config: TrainConfig, replicas: int, logdir: str, compl
         )
     smaller = (per_replica // 2) * replicas
     kept = f"epoch {completed} is kept in {os.path.join(logdir, LAST_DIR)}" if completed else "no epoch had completed"
+    micro_per_replica = (config.micro_batch or config.batch_size) // replicas // 2
+    same_batch = ""
+    if config.method == "simsiam" and micro_per_replica >= 2 and per_replica % micro_per_replica == 0:
+        same_batch = (
+            f", or keep the global batch and accumulate it in micro-batches: "
+            f"{continue_command(logdir, micro_batch=micro_per_replica * replicas)}"
+        )
     return (
         f"{head}; {kept}. Continue with a smaller batch (the learning rate follows it, lr = base lr x batch / 256): "
-        f"{continue_command(logdir, batch_size=smaller)}, or start a new run with a smaller --image-size"
+        f"{continue_command(logdir, batch_size=smaller)}{same_batch}, or start a new run with a smaller --image-size"
     )
 
 
