@@ -93,8 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-replicas", type=_positive_int, help="with --strategy mirrored and no GPU: split the CPU into N replicas")
     p.add_argument(
         "--precision",
-        help="auto (default: bfloat16 where the hardware has it natively, else float32), float32, "
-        "or bfloat16 (mixed precision; loss and outputs stay float32). Accuracy and speed: docs/performance.md",
+        help="auto (default: bfloat16 where the hardware has it natively, float16 on GPUs of compute capability "
+        "7.x, else float32), float32, bfloat16 or float16 (mixed precision, float16 with dynamic loss scaling; "
+        "loss and outputs stay float32). Accuracy and speed: docs/performance.md",
+    )
+    p.add_argument(
+        "--xla",
+        help="auto (default: on for GPUs and TPUs, off on CPUs, where it is slower), on or off: compile the "
+        "train step with XLA. May change on --resume",
     )
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR", help="continue the run in RUN_DIR (or --logdir) from its last completed epoch; where RUN_DIR holds no run yet, start it there (one command line for a job a scheduler may restart)")
     p.add_argument("--no-stop-gradient", dest="stop_gradient", action="store_const", const=False, help="the paper's ablation: collapses")
@@ -158,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 FLAG_KEYS = (
     "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
-    "strategy", "cpu_replicas", "precision", "stop_gradient", "backbone", "width",
+    "strategy", "cpu_replicas", "precision", "xla", "stop_gradient", "backbone", "width",
     "image_size", "knn_every", "knn_train_limit", "train_limit", "val_fraction", "diag_every", "input", "augment_on",
     "data_service", "data_service_grace", "method", "temperature", "proj_dim", "pred_dim", "projector_images",
 )
@@ -256,6 +262,7 @@ def _main(argv, run) -> int:
         else:
             explicit.setdefault("precision", "auto")
             explicit.setdefault("fit_memory", "accumulate")
+            explicit.setdefault("xla", "auto")
             preset = args.preset
             if preset is None:  # from what the images are; a resumed run keeps its saved one
                 from simsiam_tf.config import choose_preset

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=batch_size, default=256)
     p.add_argument("--steps", type=positive_int, default=4)
     p.add_argument("--width", type=positive_int, default=64, help="backbone width (64 = ResNet-18)")
-    p.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="both")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "float16", "both"), default="both")
     p.add_argument("--xla", choices=("off", "on", "both"), default="both")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch reference and print the ratio")
     p.add_argument("--preset", choices=("cifar", "imagenet"), default="cifar",

@@ -189,7 +189,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
     """TensorBoard scalars and the preview of augmented views.
 
     Tags: train/loss, train/z_std, train/lr every `log_every` steps; epoch/loss,
-    epoch/z_std, epoch/lr; knn/test_top1 (the model of that epoch; step 0 = before
+    epoch/z_std, epoch/lr (and train/loss_scale, epoch/loss_scale under float16); knn/test_top1 (the model of that epoch; step 0 = before
     training), knn/val_top1, and knn/test_top1_val_selected (the test top-1 of the
     checkpoint the validation split has chosen so far); data/skipped_images when files
     could not be decoded; images views/pairs (view 1 | view 2 per row, from a batch in
@@ -223,7 +223,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
         if logs and step % self.log_every == 0:
-            for key in ("loss", "z_std", "lr"):
+            for key in ("loss", "z_std", "lr", "loss_scale"):
                 if key in logs:
                     self._scalar(f"train/{key}", np.ravel(logs[key])[0], step)
 
@@ -232,7 +232,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
             return
         logs = logs or {}
         step = (epoch + 1) * self.steps_per_epoch
-        for key in ("loss", "z_std", "lr"):
+        for key in ("loss", "z_std", "lr", "loss_scale"):
             if key in logs:
                 self._scalar(f"epoch/{key}", np.ravel(logs[key])[0], step)
         self._scalar("knn/test_top1", logs.get("knn_top1"), step)
@@ -256,7 +256,8 @@ class RunSummary(keras.callbacks.Callback):
     test split of the last model (knn_top1), of the random initial one (knn_top1_init)
     and of the checkpoint chosen on the validation split (knn_top1_val_selected, from
     epoch knn_best_epoch, where the validation top-1 was knn_val_top1_best); the last
-    model's validation top-1 (knn_val_top1); skipped_images, train_images_per_sec,
+    model's validation top-1 (knn_val_top1); precision and xla as this launch trains;
+    skipped_images, train_images_per_sec,
     train_time_s, train_images, wall_time_s, and `history` (one record per epoch). On
     resume it continues the previous summary.
     """
@@ -274,6 +275,9 @@ class RunSummary(keras.callbacks.Callback):
             "epochs_completed": prev.get("epochs_completed", 0),
             "epochs": config.epochs,
             "input": input_kind,
+            # As this launch trains (a resumed run may have changed --xla).
+            "precision": config.precision,
+            "xla": config.xla,
             "loss": prev.get("loss"),
             "z_std": prev.get("z_std"),
             "z_std_reference": 1.0 / np.sqrt(config.proj_dim),
@@ -324,6 +328,8 @@ class RunSummary(keras.callbacks.Callback):
             self._train_time += epoch_time
             self._train_images += images
         record = {"epoch": epoch + 1, "loss": value("loss"), "z_std": value("z_std"), "lr": value("lr")}
+        if logs.get("loss_scale") is not None:  # float16: the dynamic loss scale at the epoch's end
+            record["loss_scale"] = value("loss_scale")
         for key in ("knn_top1", "knn_val_top1"):
             if logs.get(key) is not None:
                 record[key] = value(key)

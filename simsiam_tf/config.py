@@ -20,7 +20,10 @@ from simsiam_tf.errors import InputShortfall, OutOfMemory, TrainingDiverged, Usa
 
 BACKBONES = ("resnet18", "resnet50")
 METHODS = ("simsiam", "simclr")
-PRECISIONS = ("float32", "bfloat16", "auto")  # auto: resolved by distribute.resolve_precision
+# bfloat16 and float16: Keras mixed precision (float32 variables, loss and outputs);
+# float16 with dynamic loss scaling. auto: resolved by distribute.resolve_precision.
+PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+XLA = ("auto", "on", "off")  # auto: resolved by distribute.resolve_xla
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 INPUTS = ("auto", "memory", "stream")  # auto: resolved by input.resolve_input
 AUGMENT_ON = ("host", "device")
@@ -66,6 +69,9 @@ class TrainConfig:
     method: str = "simsiam"
     temperature: float = 0.5
     precision: str = "float32"  # train.py asks for "auto"; library callers and tests get plain float32
+    # XLA compilation of the train step; train.py asks for "auto" (on for GPUs and TPUs),
+    # library callers and tests get "off". config.json records "on" or "off".
+    xla: str = "off"
     seed: int = 0
     strategy: str = "default"
     cpu_replicas: int = 1
@@ -291,6 +297,7 @@ def validate(c: TrainConfig) -> None:
         "--no-stop-gradient and --fix-pred-lr are SimSiam's; SimCLR has neither a stop-gradient nor a predictor",
     )
     need(c.precision in PRECISIONS, f"--precision {c.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    need(c.xla in XLA, f"--xla {c.xla!r}: choose one of {', '.join(XLA)}")
     need(c.strategy in STRATEGIES, f"--strategy {c.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     need(c.input in INPUTS, f"--input {c.input!r}: choose one of {', '.join(INPUTS)}")
     need(c.augment_on in AUGMENT_ON, f"--augment-on {c.augment_on!r}: choose one of {', '.join(AUGMENT_ON)}")

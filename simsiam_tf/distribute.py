@@ -71,14 +71,17 @@ def onednn_state() -> tuple[bool | None, str]:
 
 
 def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> tuple[str, str]:
-    """`--precision auto` made concrete: (float32 or bfloat16, the reason).
+    """`--precision auto` made concrete: (float32, bfloat16 or float16, the reason).
 
     bfloat16 where the hardware computes it natively: TPUs, GPUs of compute capability
     8.0 or newer (A100, H100, RTX 30xx and later), and CPUs with AVX512-BF16 or AMX.
     On this project's 2-core CPU (AVX512-BF16) it trains the CIFAR ResNet-18 1.35x
     faster, and whole digits runs end with the same kNN and linear probe within their
-    run-to-run spread (docs/performance.md). Elsewhere float32, which older hardware
-    runs faster than emulated bfloat16. train.py's default.
+    run-to-run spread (docs/performance.md). float16 (with loss scaling) on GPUs of
+    compute capability 7.x (V100, T4), whose tensor cores have float16 but not
+    bfloat16. Elsewhere (older GPUs, CPUs without native bfloat16) float32, which
+    such hardware runs faster than emulated 16-bit types. With GPUs of several
+    capabilities the oldest decides. train.py's default.
     """
     if precision != "auto":
         return precision, "--precision " + precision
@@ -87,13 +90,32 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> tuple
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         capabilities = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0)) for g in gpus]
-        if all(tuple(c) >= (8, 0) for c in capabilities):
-            return "bfloat16", f"auto: GPU compute capability {min(capabilities)}"
-        return "float32", f"auto: GPU compute capability {min(capabilities)} < 8.0"
+        oldest = min(tuple(c) for c in capabilities)
+        if oldest >= (8, 0):
+            return "bfloat16", f"auto: GPU compute capability {oldest}"
+        if oldest >= (7, 0):
+            return "float16", f"auto: GPU compute capability {oldest}: float16 tensor cores, no bfloat16"
+        return "float32", f"auto: GPU compute capability {oldest} < 7.0"
     native = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
     if native:
         return "bfloat16", "auto: CPU with " + ", ".join(native)
     return "float32", "auto: no native bfloat16 on this CPU"
+
+
+def resolve_xla(xla: str, strategy: tf.distribute.Strategy) -> tuple[str, str]:
+    """`--xla auto` made concrete: ("on" or "off", the reason).
+
+    On for GPUs and TPUs; off on CPUs, where TensorFlow's oneDNN kernels beat the code
+    XLA generates: the ResNet-18 step ran 35-40% slower with XLA on this project's
+    2-core EPYC (docs/performance.md, section 2). train.py's default.
+    """
+    if xla != "auto":
+        return xla, "--xla " + xla
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "on", "auto: TPU"
+    if tf.config.list_physical_devices("GPU"):
+        return "on", "auto: GPU"
+    return "off", "auto: CPU, where the step runs slower under XLA (docs/performance.md)"
 
 
 def make_strategy(name: str, cpu_replicas: int = 1) -> tf.distribute.Strategy:

@@ -375,6 +375,8 @@ class TwoViewModel(keras.Model):
         else:
             loss, z1, grads = self._accumulated_gradients(x1, x2, replicas)
         lr = self.current_lr()  # the rate this step applies (the schedule reads iterations)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) and replicas > 1:
+            grads = _agree_on_overflow(grads)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         self.loss_tracker.update_state(loss)
         self.z_std_tracker.update_state(losses.global_z_std(z1))
@@ -383,6 +385,8 @@ class TwoViewModel(keras.Model):
             "z_std": self.z_std_tracker.result(),
             "lr": lr,
         }
+        if scaling:  # after this step's update: halved if it overflowed
+            logs["loss_scale"] = tf.cast(self.optimizer.dynamic_scale, tf.float32)
         if self.rank1_logs:
             logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
         return logs
@@ -392,7 +396,9 @@ class TwoViewModel(keras.Model):
 
         Keras does not scale a hand-written loss, and gradients are summed across
         replicas (and micro-batches), so `weight` is this batch's share of the global
-        batch: 1 / (replicas x micro-batches).
+        batch: 1 / (replicas x micro-batches). Under float16 the optimizer multiplies
+        it by its loss scale, so that small gradients survive float16, and divides the
+        summed gradients by it again (elsewhere scale_loss returns the loss unchanged).
         """
         if self.view_augment is not None:  # --augment-on device: the views are the crops
             x1, x2 = self.augment_views(x1, x2, micro)
@@ -400,7 +406,7 @@ class TwoViewModel(keras.Model):
             x1, x2 = normalize_uint8(x1), normalize_uint8(x2)
         with tf.GradientTape() as tape:
             loss, z1 = self.pair_loss(x1, x2)
-            scaled = loss * weight
+            scaled = self.optimizer.scale_loss(loss * weight)
         return loss, z1, tape.gradient(scaled, self.trainable_variables)
 
     def _accumulated_gradients(self, x1, x2, replicas):
@@ -433,8 +439,37 @@ class TwoViewModel(keras.Model):
         return loss_sum / steps, zs.concat(), grads
 
     def current_lr(self) -> tf.Tensor:
+        # A loss-scale wrapper hands on its inner optimizer's rate.
         lr = self.optimizer.learning_rate
         return tf.cast(lr, tf.float32)
+
+
+def _agree_on_overflow(grads):
+    """Each replica's gradients, made non-finite on every replica if they are on any.
+
+    Keras's LossScaleOptimizer decides whether to skip a step from the gradients it is
+    given, which here are each replica's own, before the optimizer sums them across
+    replicas: under `merge_call` it takes the first replica's verdict (and would apply
+    an overflow from another replica's share), without it each replica would branch on
+    its own (and the summation, inside one branch, would wait for replicas in the
+    other). One all-reduced count of non-finite replicas makes the verdict the same
+    everywhere; adding 0 to a finite gradient leaves it exactly as it was.
+    """
+    present = [g for g in grads if g is not None]
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in present])
+    overflowed = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32)
+    )
+    poison = tf.where(overflowed > 0, tf.constant(float("inf")), tf.constant(0.0))
+    first = next(i for i, g in enumerate(grads) if g is not None)
+    grads = list(grads)
+    grads[first] = grads[first] + tf.cast(poison, grads[first].dtype)
+    return grads
+
+
+# The Keras dtype policy of each --precision: float32 variables everywhere; the heads'
+# last layers (and so the loss) compute in float32 whatever the policy.
+DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 class SimSiam(TwoViewModel):
@@ -503,7 +538,7 @@ def _view_augment(config):
 
 def build_simsiam(config, sync_bn: bool = False) -> SimSiam:
     """The SimSiam model described by a `TrainConfig`, built (variables created)."""
-    dtype = "mixed_bfloat16" if config.precision == "bfloat16" else "float32"
+    dtype = DTYPE_POLICIES[config.precision]
     backbone = build_backbone(config.backbone, config.image_size, config.width, dtype, sync_bn)
     feat_dim = backbone.output.shape[-1]
     projector = build_projector(feat_dim, config.proj_dim, config.proj_layers, dtype, sync_bn)
@@ -520,7 +555,7 @@ def build_simclr(config, sync_bn: bool = False) -> SimCLR:
     """The SimCLR baseline described by a `TrainConfig`: SimSiam's backbone and
     projector, built the same way (so with the same seed they start from the same
     weights), without the predictor."""
-    dtype = "mixed_bfloat16" if config.precision == "bfloat16" else "float32"
+    dtype = DTYPE_POLICIES[config.precision]
     backbone = build_backbone(config.backbone, config.image_size, config.width, dtype, sync_bn)
     projector = build_projector(backbone.output.shape[-1], config.proj_dim, config.proj_layers, dtype, sync_bn)
     model = SimCLR(

@@ -94,14 +94,42 @@ class TorchSGD(keras.optimizers.Optimizer):
         return config
 
 
-def make_optimizer(model, config, steps_per_epoch: int) -> TorchSGD:
-    """The optimiser for a SimSiam model under `config` (lr scaled by the global batch)."""
+class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras's dynamic loss scaling, for `--precision float16`, with every step counted.
+
+    Keras's wrapper (keras/src/optimizers/loss_scale_optimizer.py, 3.15) divides the
+    gradients by the scale and applies them when all are finite, doubling the scale
+    after `dynamic_growth_steps` such steps; when any is not, it skips the update
+    (weights and momentum untouched) and halves the scale. Its `iterations` are the
+    inner optimizer's, which a skipped step leaves as they were. Here a skipped step
+    advances them too: they count the batches trained on, which the per-epoch
+    schedule, the stateless augmentation seeds, the logged step numbers and
+    `--resume` (epoch x steps) all take them for.
+    """
+
+    def _stateful_handle_non_finite_grads(self):
+        super()._stateful_handle_non_finite_grads()
+        self.inner_optimizer.iterations.assign_add(1)
+
+
+def base_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """The optimizer that updates the weights: `optimizer`, or the one a loss-scale
+    wrapper holds (its momentum buffers, `fixed_lr` and so on live there)."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def make_optimizer(model, config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The optimiser for a SimSiam model under `config` (lr scaled by the global batch):
+    `TorchSGD`, wrapped in `LossScaleOptimizer` for `--precision float16`, whose
+    gradients would otherwise underflow float16 (bfloat16 has float32's range and
+    needs no scaling)."""
     schedule = EpochCosine(config.lr, steps_per_epoch, config.epochs)
     fixed = model.predictor.trainable_variables if config.fix_pred_lr else ()
-    return TorchSGD(
+    sgd = TorchSGD(
         learning_rate=schedule,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         fixed_lr_variables=fixed,
         fixed_lr=config.lr if config.fix_pred_lr else None,
     )
+    return LossScaleOptimizer(sgd) if config.precision == "float16" else sgd

@@ -24,9 +24,12 @@ WEIGHTS_FILE = "model.weights.h5"
 RUNTIME_KEYS = ("data_service", "data_service_grace", "fit_memory")
 # What `--resume` may change, recorded in config.json's `resume_changes`: the learning
 # rate (the advice after a divergence), the global batch and the micro-batch (the
-# advice after running out of memory). The cosine schedule continues at the same epoch
-# with the new values.
-RESUMABLE_KEYS = {"base_lr": "--lr", "batch_size": "--batch-size", "micro_batch": "--micro-batch"}
+# advice after running out of memory), for which the cosine schedule continues at the
+# same epoch with the new values; and XLA, which changes how the step is compiled, not
+# what it computes (the checkpoint is the same either way; with --augment-on device,
+# XLA draws the views' random parameters other than TensorFlow's kernels from the same
+# seeds, so the views from the change on are other, equally distributed, draws).
+RESUMABLE_KEYS = {"base_lr": "--lr", "batch_size": "--batch-size", "micro_batch": "--micro-batch", "xla": "--xla"}
 MULTI_WORKER_DOC = "see docs/multi_worker.md#tf_config"
 
 
@@ -89,10 +92,14 @@ def resolve_resume(logdir: str, explicit: dict, announce=print) -> TrainConfig:
     record = {"from_epoch": start, **{k: {"from": saved[k], "to": v} for k, v in changed.items()}}
     config = config.replace(**changed, resume_changes=(*config.resume_changes, record))
     validate(config)
-    said = ", ".join(f"{RESUMABLE_KEYS[k]} {saved[k]:g} -> {v:g}" for k, v in changed.items())
+    shown = lambda value: f"{value:g}" if isinstance(value, (int, float)) else str(value)
+    said = ", ".join(f"{RESUMABLE_KEYS[k]} {shown(saved[k])} -> {shown(v)}" for k, v in changed.items())
+    schedule = (
+        f" (initial lr {config.lr:g}; the cosine schedule continues at epoch {start})"
+        if {"base_lr", "batch_size"} & set(changed) else ""
+    )
     announce(
-        f"note: from epoch {start} on, {said} (initial lr {config.lr:g}; the cosine schedule continues at "
-        f"epoch {start}); config.json records the change in resume_changes",
+        f"note: from epoch {start} on, {said}{schedule}; config.json records the change in resume_changes",
         flush=True,
     )
     return config

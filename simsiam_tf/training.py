@@ -144,7 +144,8 @@ def build(config: TrainConfig, strategy, steps: int) -> keras.Model:
         model = build_model(config, sync_bn=strategy.num_replicas_in_sync > 1 and accumulation == 1)
         model.accumulation_steps = accumulation
         model.rank1_logs = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        model.compile(optimizer=make_optimizer(model, config, steps), jit_compile=False)
+        # jit_compile: XLA for the train step (resolve_xla: on for GPUs and TPUs).
+        model.compile(optimizer=make_optimizer(model, config, steps), jit_compile=config.xla == "on")
         model.optimizer.build(model.trainable_variables)
     return model
 
@@ -231,11 +232,21 @@ def run(
 
 
 def _resolve_precision(config: TrainConfig, strategy, say) -> TrainConfig:
-    """`--precision auto` made concrete (config.json records the precision used)."""
+    """`--precision auto` and `--xla auto` made concrete (config.json records what is
+    used); the XLA setting is said whether chosen or given."""
     if config.precision == "auto":
         precision, reason = distribute.resolve_precision(config.precision, strategy)
         config = config.replace(precision=precision)
         say(f"precision: {precision} ({reason})", flush=True)
+    xla, reason = distribute.resolve_xla(config.xla, strategy)
+    if config.xla == "auto":
+        # `--resume --xla auto` records the change as what auto chose.
+        changes = tuple(
+            {**c, "xla": {**c["xla"], "to": xla}} if c.get("xla", {}).get("to") == "auto" else c
+            for c in config.resume_changes
+        )
+        config = config.replace(xla=xla, resume_changes=changes)
+    say(f"xla: {xla} for the train step ({reason})", flush=True)
     say(distribute.onednn_state()[1], flush=True)
     return config
 
