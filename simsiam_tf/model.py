@@ -375,7 +375,8 @@ class TwoViewModel(keras.Model):
         else:
             loss, z1, grads = self._accumulated_gradients(x1, x2, replicas)
         lr = self.current_lr()  # the rate this step applies (the schedule reads iterations)
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) and replicas > 1:
+        scaling = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        if scaling and replicas > 1:
             grads = _agree_on_overflow(grads)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         self.loss_tracker.update_state(loss)
