@@ -8,8 +8,8 @@ Rows, in the order they run (docs/gpu.md, "Measuring a GPU", says how to read th
 - device: the first GPU TensorFlow sees (name, compute capability, total memory from
   nvidia-smi), or without one the CPU model and MemTotal;
 - pytorch step: ../shared/peers/torch_simsiam.py --step-bench (CIFAR ResNet-18, 32 px,
-  random tensors, channels_last, autocast for bfloat16) in its own process, run first
-  so that TensorFlow holds no GPU memory yet; with this Python if it imports torch,
+  random tensors, channels_last, autocast for bfloat16) in its own process, run first,
+  before TensorFlow builds a model on the GPU; with this Python if it imports torch,
   else with $SIMSIAM_TORCH_PYTHON, else skipped with the reason (benchmarks/train_step.py's
   torch_python and torch_step);
 - step: one SimSiam training step through fit() on a constant batch
