@@ -54,21 +54,35 @@ from simsiam_tf.model import build_simsiam, normalize_uint8  # noqa: E402
 from simsiam_tf.optim import make_optimizer  # noqa: E402
 
 
-def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, width: int, preset: str = "cifar") -> dict:
-    config = make_config(preset, precision=precision, batch_size=batch, width=width)
+def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, width: int, preset: str = "cifar",
+            image_size: int | None = None, fit_only: bool = False, batches: tf.data.Dataset | None = None,
+            augment_on: str = "host") -> dict:
+    """Pairs per second of the fit step, the direct step and the backbone alone (see
+    the module docstring), for `preset` at its image size or `image_size`.
+
+    fit_only: time the fit step alone (one compilation instead of three: what
+    gpu_check.py needs within its time budget).
+    batches: fit on these (a training input's batches, in the batch format, at least
+    warmup + steps of them) instead of one constant batch: the step end to end, input
+    included; `augment_on` as the input was made (device: train_step augments).
+    """
+    sized = {"image_size": image_size} if image_size else {}
+    config = make_config(preset, precision=precision, batch_size=batch, width=width, augment_on=augment_on, **sized)
     keras.utils.set_random_seed(0)
     model = build_simsiam(config)
     model.compile(optimizer=make_optimizer(model, config, steps_per_epoch=100), jit_compile=jit)
     size = config.image_size
     # The batch format: both views in one uint8 [B, 2, S, S, 3] tensor, as every input delivers.
     views = tf.cast(tf.random.uniform([batch, 2, size, size, 3], 0, 256, tf.int32, seed=1), tf.uint8)
-    ds = tf.data.Dataset.from_tensors(views).repeat()
+    ds = tf.data.Dataset.from_tensors(views).repeat() if batches is None else batches
     # One fit() call, as in training, timed per step by a callback: every separate fit()
     # call can retrace the train function (measured: +20 s on the second call), which
     # is not a cost of the step.
     clock = StepClock()
     model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[clock])
     step = float(np.median(clock.steps[warmup:]))
+    if fit_only:
+        return {"precision": precision, "xla": jit, "step_pairs_per_s": batch / step}
 
     # The same train_step called directly in a tf.function: SimSiam's own cost without
     # the per-step work of Keras's fit() loop (iterator, callbacks, metrics plumbing).
@@ -99,10 +113,13 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
 PEER = os.path.join(os.path.dirname(REPO), "shared", "peers", "torch_simsiam.py")
 
 
-def torch_step(python: str, precision: str, batch: int, steps: int, width: int, threads: int) -> float:
-    """Pairs per second of the PyTorch reference's full training step, run by `python`."""
-    cmd = [python, PEER, "--data", CIFAR, "--step-bench", str(steps), "--batch-size", str(batch),
-           "--width", str(width), "--threads", str(threads)]
+def torch_step(python: str, precision: str, batch: int, steps: int, width: int, threads: int,
+               data: str = CIFAR, device: str = "cpu") -> float:
+    """Pairs per second of the PyTorch reference's full training step, run by `python`
+    on `device` ("cpu" or "cuda"). Its step benchmark times random tensors, but it
+    opens `data` (any folder with train/<class>/ and test/<class>/) before it starts."""
+    cmd = [python, PEER, "--data", data, "--step-bench", str(steps), "--batch-size", str(batch),
+           "--width", str(width), "--threads", str(threads), "--device", device]
     if precision == "bfloat16":
         cmd.append("--bf16")
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -113,14 +130,15 @@ def torch_step(python: str, precision: str, batch: int, steps: int, width: int, 
     return float(json.loads(lines[-1])["train_images_per_sec"])
 
 
-def torch_python() -> tuple[str | None, str]:
-    """The interpreter for --torch, or None and why the PyTorch rows are skipped."""
+def torch_python(data: str = CIFAR) -> tuple[str | None, str]:
+    """The interpreter for --torch, or None and why the PyTorch rows are skipped
+    (`data`: the folder torch_step will hand the reference)."""
     from torch_parity import Usage, resolve_torch_python
 
     if not os.path.isfile(PEER):
         return None, f"skipped PyTorch: no reference at {PEER}"
-    if not os.path.isdir(CIFAR):
-        return None, f"skipped PyTorch: its step benchmark reads the CIFAR-10 folder {CIFAR}, which is missing"
+    if not os.path.isdir(data):
+        return None, f"skipped PyTorch: its step benchmark reads the folder {data}, which is missing"
     try:
         return resolve_torch_python(None), ""
     except Usage as e:

@@ -6,12 +6,14 @@ exit code 0, one JSON line with the fields the docs quote, and values that are
 internally consistent (rates > 0, a wait fraction in [0, 1], one RSS row per epoch).
 """
 
+import importlib.util
 import json
 import math
 import os
 import platform
 import subprocess
 
+import pytest
 from conftest import REPO
 
 
@@ -103,6 +105,61 @@ def test_end_to_end_reports_input_wait_and_memory_per_epoch(python, cifar_dir):
     assert out["precision"] == "float32" and out["epochs"] == 2
 
 
+def test_gpu_check_quick_measures_every_kind_of_row(python):
+    # Every kind of row the GPU run has is measured at least once (--quick skips some
+    # combinations); a budget no loaded machine reaches, so that none is skipped for time.
+    out = _run(python, "gpu_check.py", "--quick", "--budget", "3600")
+    device, low = out["device"], out["low_precision"]
+    assert device["kind"] in ("CPU", "GPU") and device["name"] and device["memory_total_mb"] > 0
+    assert low in ("bfloat16", "float16") and (device["kind"] == "GPU" or low == "bfloat16")
+    assert out["quick"].startswith("--quick:") and out["elapsed_s"] > 0 and out["within_budget"]
+    rows = out["rows"]
+    assert not [r for r in rows if r["result"].startswith("error")], rows
+    measured = [r for r in rows if r["result"] == "measured"]
+    steps = [r for r in measured if r["row"] == "step"]
+    assert {r["model"] for r in steps} == {"resnet18", "resnet50"}
+    assert {r["precision"] for r in steps} == {"float32", low} and {r["xla"] for r in steps} == {False, True}
+    assert len([r for r in rows if r["row"] == "step"]) == 8  # the skipped ones are listed too
+    for kind in ("end to end", "input only"):
+        assert sorted(r["augment_on"] for r in measured if r["row"] == kind) == ["device", "host"], kind
+    for r in measured:
+        if r["row"] != "pytorch step":
+            assert _positive(r["pairs_per_s"]) and _positive(r["peak_mb"]) and r["peak_of"], r
+        if r["row"] == "end to end":
+            assert math.isclose(r["over_step"], out["end_to_end_over_step"][r["augment_on"]], abs_tol=1e-3)
+        if r["row"] == "input only":
+            assert 0 < r["host_cores_used"] <= out["cores_available"] + 0.5, r
+            assert math.isclose(r["pairs_per_s_per_core"] * r["host_cores_used"], r["pairs_per_s"], rel_tol=1e-6)
+    assert set(out["host_cores_to_feed_step"]) == {"host", "device"}
+    assert all(_positive(c) for c in out["host_cores_to_feed_step"].values())
+    torch_rows = [r for r in rows if r["row"] == "pytorch step"]
+    if importlib.util.find_spec("torch") is None and not os.environ.get("SIMSIAM_TORCH_PYTHON"):
+        (row,) = torch_rows
+        assert row["result"].startswith("skipped PyTorch") and "torch" in row["note"], row
+    else:
+        assert {r["precision"] for r in torch_rows} == {"float32", "bfloat16"}
+        assert all(_positive(r["pairs_per_s"]) for r in torch_rows if r["result"] == "measured")
+
+
+def test_gpu_check_skips_what_the_budget_leaves_no_time_for(python):
+    out = _run(python, "gpu_check.py", "--quick", "--budget", "0")
+    ours = [r for r in out["rows"] if r["row"] != "pytorch step"]
+    assert len(ours) == 12 and not out["within_budget"]
+    assert all(r["result"].startswith(("skipped: time budget spent", "skipped: --quick")) for r in ours), ours
+
+
+def test_gpu_check_without_a_gpu_points_to_quick(python):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is visible: the full check would run")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([python, os.path.join(REPO, "benchmarks", "gpu_check.py")],
+                            check=False, capture_output=True, text=True, env=env, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and len(lines) == 1 and "--quick" in lines[0], result.stderr[-2000:]
+
+
 def _fake_run(directory, precision, seed, knn, linear):
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps({"precision": precision, "seed": seed}))
@@ -164,6 +221,7 @@ BAD_ARGUMENTS = [
     ("serving_load.py", ["--requests", "0"], "argument --requests: expected a whole number >= 1, got 0"),
     ("torch_parity.py", ["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
     ("end_to_end.py", ["--epochs", "two"], "argument --epochs: expected a whole number, got 'two'"),
+    ("gpu_check.py", ["--budget", "soon"], "argument --budget: expected a number, got 'soon'"),
 ]
 
 
