@@ -109,8 +109,9 @@ def test_one_epoch_delivers_every_image_of_a_folder_exactly_once(cluster, tmp_pa
     for batch, epoch, ids in _read(inp, 50, epochs=2):
         assert batch.dtype == tf.uint8 and batch.shape == (50, 2, 16, 16, 3)  # device mode: the crops
         seen += zip(epoch.numpy().tolist(), ids.numpy().tolist())
-        if sum(1 for e, _ in seen if e == 0) == 1000 or len(seen) >= 2500:
-            break
+        if sum(1 for e, _ in seen if e == 0) == 1000:
+            break  # else to the stream's end: a worker slowed by a busy CPU may hand over
+            # its last epoch-0 unit after 2,500 images (seen once in a loaded full run)
     counts = Counter(seen)
     assert max(counts.values()) == 1  # nothing twice
     assert sorted(i for e, i in seen if e == 0) == list(range(1000))  # the whole epoch
