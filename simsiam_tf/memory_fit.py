@@ -271,6 +271,8 @@ def plan(config, replicas: int, local_replicas: int, estimate: Estimate | None =
                 f"from the model's layers), {available / GIB:.1f} GiB free for it; it fits"
             )
         estimate = measure(config, per_replica, input_batch_bytes, model)
+        del model  # the last reference to the copy
+        release_free_memory()
     seconds = time.perf_counter() - started
     host = estimate.device == "host"
     # A CPU's replicas share the host's memory; each GPU has its own.
