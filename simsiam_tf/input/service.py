@@ -264,6 +264,8 @@ class ServiceDelivery(keras.callbacks.Callback):
         super().__init__()
         self.input = service_input
         self.next_epoch = initial_epoch  # the first data epoch not yet counted (0-based)
+        self.first_epoch = initial_epoch
+        self.previous = previous  # missed in earlier launches of the run
         self.missed = previous
         self.is_chief = is_chief
         self._before = None  # images received per data epoch at the previous epoch end
@@ -291,7 +293,6 @@ class ServiceDelivery(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         total = self.input.num_train
         for data_epoch, got in self.count_closed(self.model.distribute_strategy):
-            self.missed += total - got
             if got < total and self.is_chief:
                 print(
                     f"\nwarning: the tf.data service delivered {got:,} of the {total:,} images of epoch "
@@ -300,6 +301,13 @@ class ServiceDelivery(keras.callbacks.Callback):
                     file=sys.stderr,
                     flush=True,
                 )
+        if self._before is not None:
+            # Counted from what has arrived by now, so that images of a closed epoch
+            # that still arrive late (a worker slowed by a busy CPU, seen in a loaded
+            # test run) are not left counted as missed.
+            self.missed = self.previous + sum(
+                max(0, total - int(self._before[d])) for d in range(self.first_epoch, self.next_epoch)
+            )
         if logs is not None:
             logs["images_missed"] = self.missed
 
