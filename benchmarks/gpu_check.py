@@ -50,8 +50,6 @@ from __future__ import annotations
 import functools
 import gc
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +69,7 @@ for _gpu in tf.config.list_physical_devices("GPU"):
 import keras  # noqa: E402
 
 from simsiam_tf import augment as aug  # noqa: E402
+from simsiam_tf import memory_fit  # noqa: E402
 from train_step import measure, torch_python, torch_step  # noqa: E402
 
 PHOTO_SIZE = (375, 500)  # height, width: ImageNet's typical photo
@@ -108,21 +107,6 @@ def _meminfo_total_mb() -> float | None:
         return None
 
 
-def _nvidia_smi_total_mb() -> tuple[float | None, str]:
-    """Total memory of the first visible GPU from nvidia-smi (TensorFlow reports only what
-    it uses), and where the figure came from or why there is none."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None, "nvidia-smi not found"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
-    try:
-        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", visible],
-                             check=False, capture_output=True, text=True, timeout=30)
-        return float(out.stdout.strip().splitlines()[0]), "nvidia-smi"
-    except (OSError, ValueError, IndexError, subprocess.SubprocessError) as e:
-        return None, f"nvidia-smi failed ({e})"
-
-
 def device_info() -> dict:
     """What the check ran on: the first GPU, or the CPU when there is none."""
     gpus = tf.config.list_physical_devices("GPU")
@@ -132,10 +116,11 @@ def device_info() -> dict:
                 "memory_source": "/proc/meminfo MemTotal", "host_cores": cores}
     details = tf.config.experimental.get_device_details(gpus[0])
     capability = details.get("compute_capability")
-    total, source = _nvidia_smi_total_mb()
+    total = memory_fit.gpu_total_bytes()
     return {"kind": "GPU", "name": details.get("device_name", gpus[0].name),
             "compute_capability": ".".join(map(str, capability)) if capability else None,
-            "memory_total_mb": total, "memory_source": source, "gpus_visible": len(gpus), "host_cores": cores}
+            "memory_total_mb": None if total is None else total / 2**20,
+            "memory_source": "nvidia-smi" if total is not None else "nvidia-smi not found or failed", "gpus_visible": len(gpus), "host_cores": cores}
 
 
 def low_precision(device: dict) -> str:
@@ -149,29 +134,28 @@ def low_precision(device: dict) -> str:
 
 class PeakMemory:
     """The peak memory of one row: GPU:0's allocator on a GPU, else (and with host=True)
-    this process's peak RSS, VmHWM, reset by writing 5 to /proc/self/clear_refs."""
+    this process's peak RSS: the meters the memory check uses (simsiam_tf.memory_fit)."""
 
     def __init__(self, gpu: bool):
         self.gpu = gpu
+        self.host = memory_fit.HostPeak()
+        self.device = memory_fit.GpuPeak() if gpu else None
         self.host_reset = False
 
     def reset(self, host: bool = False) -> None:
         if self.gpu and not host:
-            tf.config.experimental.reset_memory_stats("GPU:0")
+            self.device.reset()
             return
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            self.host.reset()
             self.host_reset = True
         except OSError:  # not allowed here: the peak since the process started
             self.host_reset = False
 
     def peak(self, host: bool = False) -> dict:
         if self.gpu and not host:
-            return {"peak_mb": tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20, "peak_of": "GPU:0"}
-        with open("/proc/self/status") as f:
-            hwm = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-        return {"peak_mb": hwm, "peak_of": "host RSS" if self.host_reset else "host RSS since start"}
+            return {"peak_mb": self.device.peak() / 2**20, "peak_of": "GPU:0"}
+        return {"peak_mb": self.host.peak() / 2**20, "peak_of": "host RSS" if self.host_reset else "host RSS since start"}
 
 
 # ----------------------------------------------------------------------------------

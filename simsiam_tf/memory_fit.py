@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import os
 import shutil
 import subprocess
 import time
@@ -132,12 +133,15 @@ class GpuPeak:
 
 
 def gpu_total_bytes() -> int | None:
-    """The first GPU's memory from nvidia-smi (TensorFlow does not report it), or None."""
+    """The memory of the first GPU TensorFlow sees, from nvidia-smi (TensorFlow does not
+    report it), or None. nvidia-smi numbers GPUs ignoring CUDA_VISIBLE_DEVICES, so the
+    first visible one is asked for by its index there."""
     if not shutil.which("nvidia-smi"):
         return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", visible],
             capture_output=True, text=True, timeout=20, check=True,
         ).stdout
         return int(float(out.split()[0]) * 2**20)
