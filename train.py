@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --data-service: stop (exit code 75, checkpoint intact) when the dispatcher has been "
         "unreachable this long (default 60)",
     )
+    p.add_argument(
+        "--data-service-wire",
+        dest="data_service_wire",
+        metavar="{uint8,snappy,jpeg}",
+        help="with --data-service: how batches cross the network: uint8 (default: as they are), snappy "
+        "(compressed by the service) or jpeg (each view a JPEG, decoded on the trainer); docs/multi_worker.md",
+    )
     return p
 
 
@@ -166,7 +173,7 @@ FLAG_KEYS = (
     "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
     "strategy", "cpu_replicas", "precision", "xla", "stop_gradient", "backbone", "width",
     "image_size", "knn_every", "knn_train_limit", "train_limit", "val_fraction", "diag_every", "input", "augment_on",
-    "data_service", "data_service_grace", "method", "temperature", "proj_dim", "pred_dim", "projector_images",
+    "data_service", "data_service_grace", "data_service_wire", "method", "temperature", "proj_dim", "pred_dim", "projector_images",
 )
 
 

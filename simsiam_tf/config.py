@@ -27,6 +27,7 @@ XLA = ("auto", "on", "off")  # auto: resolved by distribute.resolve_xla
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 INPUTS = ("auto", "memory", "stream")  # auto: resolved by input.resolve_input
 AUGMENT_ON = ("host", "device")
+WIRES = ("uint8", "snappy", "jpeg")  # --data-service-wire: simsiam_tf.input.wire
 FIT_MEMORY = ("off", "accumulate", "check")
 
 
@@ -95,8 +96,11 @@ class TrainConfig:
     # The tf.data service (simsiam_tf.input.service): the dispatcher's grpc://HOST:PORT
     # ("" = the input pipeline runs in the trainer), and how long the dispatcher may be
     # unreachable mid-run before training stops. Both may change when a run resumes.
+    # data_service_wire: how batches cross the network (input.wire: uint8, snappy or
+    # jpeg); a change on resume is recorded, jpeg being lossy.
     data_service: str = ""
     data_service_grace: float = 60.0
+    data_service_wire: str = "uint8"
     log_every_steps: int = 10
     # Representation diagnostics (simsiam_tf.diagnostics.probe) every diag_every epochs
     # (0 = off) on diag_images fixed training images x diag_views fixed views; at the
@@ -308,6 +312,10 @@ def validate(c: TrainConfig) -> None:
     need(
         not c.data_service or re.fullmatch(r"(grpc://)?[^:/\s]+:\d+", c.data_service) is not None,
         f"--data-service {c.data_service!r}: expected grpc://HOST:PORT, e.g. grpc://dispatcher-host:5050",
+    )
+    need(
+        c.data_service_wire in WIRES,
+        f"--data-service-wire {c.data_service_wire!r}: choose one of {', '.join(WIRES)}",
     )
     need(c.data_service_grace > 0, f"--data-service-grace must be positive, got {c.data_service_grace}")
     need(c.epochs >= 1, f"--epochs must be at least 1, got {c.epochs}")

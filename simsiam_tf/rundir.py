@@ -28,8 +28,10 @@ RUNTIME_KEYS = ("data_service", "data_service_grace", "fit_memory")
 # same epoch with the new values; and XLA, which changes how the step is compiled, not
 # what it computes (the checkpoint is the same either way; with --augment-on device,
 # XLA draws the views' random parameters other than TensorFlow's kernels from the same
-# seeds, so the views from the change on are other, equally distributed, draws).
-RESUMABLE_KEYS = {"base_lr": "--lr", "batch_size": "--batch-size", "micro_batch": "--micro-batch", "xla": "--xla"}
+# seeds, so the views from the change on are other, equally distributed, draws); and
+# the tf.data service's wire format (a network that changed), jpeg being lossy.
+RESUMABLE_KEYS = {"base_lr": "--lr", "batch_size": "--batch-size", "micro_batch": "--micro-batch", "xla": "--xla",
+                  "data_service_wire": "--data-service-wire"}
 MULTI_WORKER_DOC = "see docs/multi_worker.md#tf_config"
 
 

@@ -278,7 +278,7 @@ def test_two_multi_worker_trainers_share_one_job(cluster, tmp_path):
                 t.kill()
     for t, out in zip(trainers, outputs):
         assert t.returncode == 0, out[-3000:]
-    jobs = [line.split("(job ")[1].rstrip(")") for out in outputs for line in out.splitlines() if "(job simsiam-" in line]
+    jobs = [line.split("(job ")[1].split(",")[0] for out in outputs for line in out.splitlines() if "(job simsiam-" in line]
     assert len(jobs) == 2 and jobs[0] == jobs[1]  # one job, read by both
     assert "on 2 replica(s)" in outputs[0]
     summary = json.loads((run / "summary.json").read_text())

@@ -140,9 +140,9 @@ def through_service(stream_input, config: TrainConfig, strategy, announce=None):
     from simsiam_tf.input import service
 
     target = service.wait_for_dispatcher(config.data_service)
-    served = service.ServiceInput(stream_input, target, service.run_token(strategy))
+    served = service.ServiceInput(stream_input, target, service.run_token(strategy), config.data_service_wire)
     if announce is not None:
-        announce(f"input: through the tf.data service at {target} (job {served.job})")
+        announce(f"input: through the tf.data service at {target} (job {served.job}, {config.data_service_wire} on the wire)")
     return served
 
 

@@ -45,7 +45,7 @@ import tensorflow as tf
 
 from simsiam_tf import data_service
 from simsiam_tf.errors import UsageError
-from simsiam_tf.input import batches, decode, order
+from simsiam_tf.input import batches, decode, order, wire
 from simsiam_tf.rundir import completed_epochs
 
 # Units each worker reads at once, interleaved image by image so that a batch mixes
@@ -124,8 +124,9 @@ class ServiceInput:
 
     kind = "service"
 
-    def __init__(self, stream_input, target: str, job: str):
+    def __init__(self, stream_input, target: str, job: str, wire_format: str = "uint8"):
         self.stream = stream_input
+        self.wire = wire_format  # how batches cross the network (input.wire)
         self.source = stream_input.source
         self.target = target
         self.job = f"simsiam-{job}"
@@ -193,7 +194,7 @@ class ServiceInput:
         return (
             decode.decoded(records, views, deterministic=False)
             .batch(local_batch, drop_remainder=True)
-            .map(lambda parts, epoch, index: (batches.pack(per_batch(parts)), epoch, index))
+            .map(lambda parts, epoch, index: (wire.pack(batches.pack(per_batch(parts)), self.wire), epoch, index))
             .prefetch(1)
         )
 
@@ -203,7 +204,7 @@ class ServiceInput:
         served = self.served_dataset(local_batch, spec, seed, epochs, initial_epoch, augment_on)
         dataset_id = _with_timeout(
             lambda: tf.data.experimental.service.register_dataset(
-                self.target, served, compression=None, dataset_id=self.job
+                self.target, served, compression=wire.compression(self.wire), dataset_id=self.job
             ),
             REGISTER_TIMEOUT_S,
             f"registering the input pipeline with the dispatcher at {self.target}",
@@ -217,8 +218,10 @@ class ServiceInput:
         dataset_id, element_spec = self.connect(global_batch // workers, spec, seed, epochs, initial_epoch, augment_on)
         self._delivered = tf.Variable(tf.zeros([epochs + 1], tf.int64), trainable=False, name="service_delivered")
         delivered, target, job = self._delivered, self.target, self.job
+        wire_format, size = self.wire, spec.image_size
 
         def count(batch, epoch, _):
+            batch = wire.unpack(batch, wire_format, size)
             update = delivered.scatter_nd_add(tf.expand_dims(tf.cast(epoch, tf.int64), 1), tf.ones_like(epoch, tf.int64))
             with tf.control_dependencies([update]):
                 return tf.identity(batch)
@@ -233,7 +236,7 @@ class ServiceInput:
                     job_name=job,
                     max_outstanding_requests=4,  # at most four batches in flight per trainer
                 )
-                .map(count)
+                .map(count, num_parallel_calls=tf.data.AUTOTUNE if wire_format == "jpeg" else None)
                 .prefetch(1)
             )
 

@@ -1,0 +1,241 @@
+"""What the tf.data service puts on the network, measured across emulated hosts.
+
+    python benchmarks/service_wire.py            # 224 px photos, every wire format, 3 caps
+    python benchmarks/service_wire.py --quick    # small and short: that it runs
+
+A dispatcher, two input workers and a trainer, each in a network namespace of its own
+(`emulated_hosts.EmulatedHosts`: veth links to a switch, needs root), started as
+train.py's users start them (`python -m simsiam_tf.data_service ...`). For each
+`--augment-on` (host, device), wire format (`--data-service-wire`: uint8, snappy,
+jpeg) and cap on every link's bandwidth (`tc ... tbf`: 10 Mbit/s, 100 Mbit/s,
+unlimited), a reader in the trainer's namespace reads the stream exactly as train.py
+does (`ServiceInput.batches`: dynamic sharding, the wire format unpacked on the trainer)
+and reports:
+
+- bytes per pair: what arrived on the trainer's eth0 (the kernel's rx counter, headers
+  and gRPC framing included) over the pairs read, in the measured window;
+- pairs/s in that window;
+- trainer CPU per pair: the reader process's CPU time (user + system) over the pairs,
+  which includes receiving, decompressing (snappy) and decoding (jpeg);
+
+The servers restart for every row, so no row's leftovers load the next. Latency is
+added only where the kernel has `tc netem` (`--delay-ms`); this project's machines do
+not (EmulatedHosts.can_delay), and the JSON says which was measured.
+
+The data: CIFAR-10 upscaled to 500 x 375 JPEG photos (`common.photo_folder`) in 16
+TFRecord shards, 224 px training views, batch 32 per read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, Parser, batch_size, photo_folder, positive_int, report  # noqa: E402
+
+WIRES = ("uint8", "snappy", "jpeg")
+CAPS = (10, 100, None)  # Mbit/s; None: unlimited
+HOSTS = ["dispatcher", "worker1", "worker2", "trainer"]
+PORT = 5050
+SERVER_START_S = 120
+
+
+def _rx_bytes(interface: str = "eth0") -> int:
+    """Bytes received on `interface` of this process's network namespace."""
+    with open("/proc/self/net/dev") as f:
+        for line in f:
+            name, _, fields = line.partition(":")
+            if name.strip() == interface:
+                return int(fields.split()[0])
+    raise RuntimeError(f"no interface {interface} in this network namespace")
+
+
+def read_main(args) -> int:
+    """The trainer's side: read the stream as train.py does; print one JSON line."""
+    import numpy as np
+    import tensorflow as tf
+
+    from simsiam_tf import augment as aug
+    from simsiam_tf.config import make_config
+    from simsiam_tf.input import open_input
+    from simsiam_tf.input.service import ServiceInput
+
+    config = make_config(dataset=args.dataset, image_size=args.size, input="stream", val_fraction=0.0)
+    stream = open_input(config)[0]
+    inp = ServiceInput(stream, f"grpc://{args.dispatcher}", args.job, args.wire)
+    spec = aug.AugmentSpec.for_image_size(args.size)
+    ds = inp.batches(tf.distribute.get_strategy(), args.batch, spec, args.seed, args.epochs, augment_on=args.augment_on)
+    it = iter(ds)
+    kept = []
+    for _ in range(args.warmup):
+        next(it)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0, rx0, t0 = usage.ru_utime + usage.ru_stime, _rx_bytes(), time.perf_counter()
+    read = 0
+    while read < args.batches and (read == 0 or time.perf_counter() - t0 < args.seconds):
+        batch = next(it).numpy()
+        read += 1
+        if args.save:
+            kept.append(batch)
+    seconds = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu, rx = usage.ru_utime + usage.ru_stime - cpu0, _rx_bytes() - rx0
+    pairs = read * args.batch
+    if args.save:
+        np.save(args.save, np.concatenate(kept))
+    print(json.dumps({"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds,
+                      "bytes_per_pair": rx / pairs, "trainer_cpu_ms_per_pair": cpu / pairs * 1e3,
+                      "delivered": inp.delivered().tolist()}), flush=True)
+    return 0
+
+
+class Cluster:
+    """The dispatcher and two workers, started in their hosts, as a user starts them."""
+
+    def __init__(self, hosts, work_dir: str):
+        self.hosts = hosts
+        self.target = f"{hosts.address('dispatcher')}:{PORT}"
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        module = [sys.executable, "-m", "simsiam_tf.data_service"]
+        self.procs = [hosts.popen("dispatcher", [*module, "dispatcher", "--port", str(PORT), "--work-dir", work_dir],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)]
+        for name in ("worker1", "worker2"):
+            self.procs.append(hosts.popen(
+                name, [*module, "worker", "--dispatcher", self.target, "--port", str(PORT + 1),
+                       "--worker-address", f"{hosts.address(name)}:%port%"],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        for proc in self.procs:
+            line = _readline(proc, SERVER_START_S)
+            if "serving" not in line and "worker on" not in line:
+                raise RuntimeError(f"a tf.data service server did not start: {line!r}")
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def _readline(proc, timeout_s: float) -> str:
+    """A line of the process's stdout, or '' if none comes within timeout_s."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout_s):
+            return ""
+    return proc.stdout.readline()
+
+
+def read_in(hosts, target: str, dataset: str, job: str, args, wire: str, augment_on: str,
+            batches: int, seconds: float, save: str | None = None, timeout_s: float = 600) -> dict:
+    """Run the reader (`read`) in the trainer's host; its JSON line."""
+    argv = [sys.executable, os.path.abspath(__file__), "read", "--dispatcher", target, "--dataset", dataset,
+            "--job", job, "--wire", wire, "--augment-on", augment_on, "--size", str(args.size),
+            "--batch", str(args.batch), "--batches", str(batches), "--seconds", str(seconds),
+            "--warmup", str(args.warmup), "--epochs", str(args.epochs)] + (["--save", save] if save else [])
+    proc = hosts.popen("trainer", argv, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise RuntimeError(f"the reader took more than {timeout_s:.0f} s")
+    if proc.returncode:
+        raise RuntimeError(f"the reader failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["read"]:
+        p = Parser(description="the reader, run inside the trainer's host")
+        for flag in ("--dispatcher", "--dataset", "--job", "--wire", "--augment-on"):
+            p.add_argument(flag, required=True)
+        p.add_argument("--size", type=positive_int, required=True)
+        p.add_argument("--batch", type=batch_size, required=True)
+        p.add_argument("--batches", type=positive_int, required=True)
+        p.add_argument("--seconds", type=float, default=30.0)
+        p.add_argument("--warmup", type=int, default=2)
+        p.add_argument("--epochs", type=positive_int, default=100)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--save", help="write the pairs read to this .npy file")
+        args = p.parse_args(argv[1:])
+        args.augment_on = args.augment_on
+        return read_main(args)
+
+    from emulated_hosts import EmulatedHosts, why_unsupported
+
+    p = Parser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="64 photos at 64 px, one cap, few batches")
+    p.add_argument("--photos", type=positive_int, help="default 1,024 (--quick: 64)")
+    p.add_argument("--size", type=positive_int, help="training image size (default 224; --quick: 64)")
+    p.add_argument("--batch", type=batch_size, default=32)
+    p.add_argument("--batches", type=positive_int, help="measured batches per row at most (default 8; --quick: 2)")
+    p.add_argument("--seconds", type=float, default=20.0, help="measure at most this long per row (default 20)")
+    p.add_argument("--warmup", type=int, default=2, help="batches read before measuring (default 2)")
+    p.add_argument("--caps", default=None, help="comma-separated Mbit/s, 0 = unlimited (default 10,100,0; --quick: 0)")
+    p.add_argument("--wires", default=",".join(WIRES))
+    p.add_argument("--augment", default="host,device", help="--augment-on values to measure (default host,device)")
+    args = p.parse_args(argv)
+    quick = dict(photos=64, size=64, batches=2, caps="0") if args.quick else dict(
+        photos=1024, size=224, batches=8, caps="10,100,0")
+    for key, value in quick.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.epochs = 100
+    reason = why_unsupported()
+    if reason:
+        print(f"service_wire: error: emulated hosts {reason}; run as root on Linux", file=sys.stderr)
+        return 2
+    caps = [float(c) or None for c in args.caps.split(",")]
+
+    from simsiam_tf.input import records
+    from simsiam_tf.input.wire import JPEG_QUALITY
+
+    root = photo_folder(args.photos)
+    shards = os.path.join(tempfile.gettempdir(), "simsiam-tf-bench", f"shards-{os.path.basename(root)}")
+    if records.read_index(shards) is None:
+        records.write_records(root, shards, shards=16, overwrite=True)
+    dataset = f"tfrecord:{shards}"
+
+    rows = []
+    with EmulatedHosts(HOSTS) as hosts:
+        delay = hosts.can_delay
+        for cap in caps:
+            for name in HOSTS:
+                hosts.shape(name, rate_mbit=cap)
+            for augment_on in args.augment.split(","):
+                for wire in args.wires.split(","):
+                    cluster = Cluster(hosts, tempfile.mkdtemp(prefix="simsiam-wire-dispatcher-"))
+                    try:
+                        out = read_in(hosts, cluster.target, dataset, f"wire-{augment_on}-{wire}-{cap}", args, wire,
+                                      augment_on, args.batches, args.seconds)
+                    finally:
+                        cluster.stop()
+                    row = {"cap_mbit": cap or "unlimited", "augment_on": augment_on, "wire": wire,
+                           **{k: out[k] for k in ("pairs", "pairs_per_s", "bytes_per_pair", "trainer_cpu_ms_per_pair")}}
+                    rows.append(row)
+                    print(f"  {str(row['cap_mbit']):>9} Mbit/s  {augment_on:<6} {wire:<6} "
+                          f"{out['bytes_per_pair'] / 1e3:8.1f} KB/pair  {out['pairs_per_s']:6.1f} pairs/s  "
+                          f"trainer {out['trainer_cpu_ms_per_pair']:6.2f} ms CPU/pair", flush=True)
+    report(
+        "service_wire", rows,
+        [("cap_mbit", "cap Mbit/s"), ("augment_on", "augment on"), ("wire", "wire"), ("pairs", "pairs"),
+         ("bytes_per_pair", "bytes/pair"), ("pairs_per_s", "pairs/s"), ("trainer_cpu_ms_per_pair", "trainer ms CPU/pair")],
+        {"photos": args.photos, "image_size": args.size, "batch": args.batch, "uint8_bytes_per_pair": 2 * 3 * args.size ** 2,
+         "latency_added": "none: this kernel has no tc netem" if not delay else "none (not asked)",
+         "jpeg_quality": JPEG_QUALITY, "hosts": "network namespaces joined by veth pairs to a bridge (emulated_hosts.py)"},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
