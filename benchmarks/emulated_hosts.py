@@ -189,7 +189,7 @@ class EmulatedHosts:
         rules = (
             "table inet emulated_loss {\n"
             "  chain arriving { type filter hook prerouting priority 0; policy accept;\n"
-            f"    numgen random mod 1000000 < {per_million} drop\n"
+            f"    numgen random mod 1000000 < {per_million} counter drop\n"
             "  }\n"
             "}\n"
         )
@@ -198,6 +198,13 @@ class EmulatedHosts:
         if result.returncode:
             raise Unsupported(f"nft could not add the loss rule: {result.stderr.strip()}")
         self._nft_hosts.add(name)
+
+    def dropped(self, name: str) -> int:
+        """Packets the loss rule has dropped on arrival at the host (0 without one)."""
+        if name not in self._nft_hosts:
+            return 0
+        listing = json.loads(self.run(name, "nft", "-j", "list", "table", "inet", "emulated_loss").stdout)
+        return sum(item["rule"]["expr"][-2]["counter"]["packets"] for item in listing["nftables"] if "rule" in item)
 
     def cut(self, name: str) -> None:
         """Take the host's interface down: nothing reaches it or leaves it."""
@@ -214,7 +221,7 @@ class EmulatedHosts:
                 "rx_dropped": out["rx"]["dropped"]}
 
     def routes(self, name: str) -> list[str]:
-        return [line for line in self.run(name, "ip", "route").stdout.splitlines() if line.strip()]
+        return [line.strip() for line in self.run(name, "ip", "route").stdout.splitlines() if line.strip()]
 
     # -- the end ---------------------------------------------------------------------
 

@@ -64,13 +64,22 @@ def read_main(args) -> int:
     from simsiam_tf import augment as aug
     from simsiam_tf.config import make_config
     from simsiam_tf.input import open_input
+    from simsiam_tf.input import wire
     from simsiam_tf.input.service import ServiceInput
 
     config = make_config(dataset=args.dataset, image_size=args.size, input="stream", val_fraction=0.0)
     stream = open_input(config)[0]
     inp = ServiceInput(stream, f"grpc://{args.dispatcher}", args.job, args.wire)
     spec = aug.AugmentSpec.for_image_size(args.size)
-    ds = inp.batches(tf.distribute.get_strategy(), args.batch, spec, args.seed, args.epochs, augment_on=args.augment_on)
+    if args.save:  # the raw stream, with each pair's (epoch, image id), unpacked as batches() does
+        svc = tf.data.experimental.service
+        dataset_id, element_spec = inp.connect(args.batch, spec, args.seed, args.epochs, augment_on=args.augment_on)
+        ds = svc.from_dataset_id(processing_mode=svc.ShardingPolicy.DYNAMIC, service=inp.target, dataset_id=dataset_id,
+                                 element_spec=element_spec, job_name=inp.job).map(
+            lambda batch, epoch, index: (wire.unpack(batch, args.wire, args.size), epoch, index))
+    else:  # as train.py reads it
+        ds = inp.batches(tf.distribute.get_strategy(), args.batch, spec, args.seed, args.epochs,
+                         augment_on=args.augment_on)
     it = iter(ds)
     kept = []
     for _ in range(args.warmup):
@@ -79,19 +88,21 @@ def read_main(args) -> int:
     cpu0, rx0, t0 = usage.ru_utime + usage.ru_stime, _rx_bytes(), time.perf_counter()
     read = 0
     while read < args.batches and (read == 0 or time.perf_counter() - t0 < args.seconds):
-        batch = next(it).numpy()
+        element = next(it)
         read += 1
         if args.save:
-            kept.append(batch)
+            kept.append([t.numpy() for t in element])
+        else:
+            element.numpy()
     seconds = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu, rx = usage.ru_utime + usage.ru_stime - cpu0, _rx_bytes() - rx0
     pairs = read * args.batch
     if args.save:
-        np.save(args.save, np.concatenate(kept))
+        views, epochs, ids = (np.concatenate(part) for part in zip(*kept))
+        np.savez(args.save, views=views, epochs=epochs, ids=ids)
     print(json.dumps({"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds,
-                      "bytes_per_pair": rx / pairs, "trainer_cpu_ms_per_pair": cpu / pairs * 1e3,
-                      "delivered": inp.delivered().tolist()}), flush=True)
+                      "bytes_per_pair": rx / pairs, "trainer_cpu_ms_per_pair": cpu / pairs * 1e3}), flush=True)
     return 0
 
 
@@ -133,13 +144,14 @@ def _readline(proc, timeout_s: float) -> str:
     return proc.stdout.readline()
 
 
-def read_in(hosts, target: str, dataset: str, job: str, args, wire: str, augment_on: str,
-            batches: int, seconds: float, save: str | None = None, timeout_s: float = 600) -> dict:
+def read_in(hosts, target: str, dataset: str, job: str, *, wire: str, augment_on: str, size: int, batch: int,
+            batches: int, seconds: float = 30.0, warmup: int = 2, epochs: int = 100, save: str | None = None,
+            timeout_s: float = 600) -> dict:
     """Run the reader (`read`) in the trainer's host; its JSON line."""
     argv = [sys.executable, os.path.abspath(__file__), "read", "--dispatcher", target, "--dataset", dataset,
-            "--job", job, "--wire", wire, "--augment-on", augment_on, "--size", str(args.size),
-            "--batch", str(args.batch), "--batches", str(batches), "--seconds", str(seconds),
-            "--warmup", str(args.warmup), "--epochs", str(args.epochs)] + (["--save", save] if save else [])
+            "--job", job, "--wire", wire, "--augment-on", augment_on, "--size", str(size), "--batch", str(batch),
+            "--batches", str(batches), "--seconds", str(seconds), "--warmup", str(warmup), "--epochs", str(epochs)]
+    argv += ["--save", save] if save else []
     proc = hosts.popen("trainer", argv, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -166,9 +178,8 @@ def main(argv=None) -> int:
         p.add_argument("--warmup", type=int, default=2)
         p.add_argument("--epochs", type=positive_int, default=100)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--save", help="write the pairs read to this .npy file")
+        p.add_argument("--save", help="write the pairs read, with their epochs and image ids, to this .npz file")
         args = p.parse_args(argv[1:])
-        args.augment_on = args.augment_on
         return read_main(args)
 
     from emulated_hosts import EmulatedHosts, why_unsupported
@@ -190,7 +201,6 @@ def main(argv=None) -> int:
     for key, value in quick.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.epochs = 100
     reason = why_unsupported()
     if reason:
         print(f"service_wire: error: emulated hosts {reason}; run as root on Linux", file=sys.stderr)
@@ -216,8 +226,9 @@ def main(argv=None) -> int:
                 for wire in args.wires.split(","):
                     cluster = Cluster(hosts, tempfile.mkdtemp(prefix="simsiam-wire-dispatcher-"))
                     try:
-                        out = read_in(hosts, cluster.target, dataset, f"wire-{augment_on}-{wire}-{cap}", args, wire,
-                                      augment_on, args.batches, args.seconds)
+                        out = read_in(hosts, cluster.target, dataset, f"wire-{augment_on}-{wire}-{cap}", wire=wire,
+                                      augment_on=augment_on, size=args.size, batch=args.batch, batches=args.batches,
+                                      seconds=args.seconds, warmup=args.warmup)
                     finally:
                         cluster.stop()
                     row = {"cap_mbit": cap or "unlimited", "augment_on": augment_on, "wire": wire,
