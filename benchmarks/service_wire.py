@@ -7,7 +7,7 @@ A dispatcher, two input workers and a trainer, each in a network namespace of it
 (`emulated_hosts.EmulatedHosts`: veth links to a switch, needs root), started as
 train.py's users start them (`python -m simsiam_tf.data_service ...`). For each
 `--augment-on` (host, device), wire format (`--data-service-wire`: uint8, snappy,
-jpeg) and cap on every link's bandwidth (`tc ... tbf`: 10 Mbit/s, 100 Mbit/s,
+jpeg) and cap on every link's bandwidth (`tc ... tbf`: 100 Mbit/s, 1 Gbit/s,
 unlimited), a reader in the trainer's namespace reads the stream exactly as train.py
 does (`ServiceInput.batches`: dynamic sharding, the wire format unpacked on the trainer)
 and reports:
@@ -23,7 +23,15 @@ added only where the kernel has `tc netem` (`--delay-ms`); this project's machin
 not (EmulatedHosts.can_delay), and the JSON says which was measured.
 
 The data: CIFAR-10 upscaled to 500 x 375 JPEG photos (`common.photo_folder`) in 16
-TFRecord shards, 224 px training views, batch 32 per read.
+TFRecord shards, 224 px training views, batch 32 per read. Upscaled CIFAR-10 is
+smoother than a photo, which flatters snappy and JPEG; `--grain 20` adds noise that
+makes the files ImageNet's size and is harder to compress than a photo: the two bracket
+what photos send.
+
+Read bytes per pair and trainer CPU per pair off the unlimited rows: under a cap the
+window holds few pairs, so the batches in flight at its two ends weigh (up to four
+per trainer, `max_outstanding_requests`), and the reader's fixed background CPU is
+shared by few pairs.
 """
 
 from __future__ import annotations
@@ -37,10 +45,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, Parser, batch_size, photo_folder, positive_int, report  # noqa: E402
+from common import REPO, Parser, batch_size, nonnegative_float, photo_folder, positive_int, report  # noqa: E402
 
 WIRES = ("uint8", "snappy", "jpeg")
-CAPS = (10, 100, None)  # Mbit/s; None: unlimited
 HOSTS = ["dispatcher", "worker1", "worker2", "trainer"]
 PORT = 5050
 SERVER_START_S = 120
@@ -85,7 +92,8 @@ def read_main(args) -> int:
     for _ in range(args.warmup):
         next(it)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu0, rx0, t0 = usage.ru_utime + usage.ru_stime, _rx_bytes(), time.perf_counter()
+    cpu0, t0 = usage.ru_utime + usage.ru_stime, time.perf_counter()
+    samples = [(0, t0, _rx_bytes())]  # (pairs, time, bytes received) after each batch
     read = 0
     while read < args.batches and (read == 0 or time.perf_counter() - t0 < args.seconds):
         element = next(it)
@@ -94,16 +102,58 @@ def read_main(args) -> int:
             kept.append([t.numpy() for t in element])
         else:
             element.numpy()
-    seconds = time.perf_counter() - t0
+        samples.append((read * args.batch, time.perf_counter(), _rx_bytes()))
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu, rx = usage.ru_utime + usage.ru_stime - cpu0, _rx_bytes() - rx0
+    cpu = usage.ru_utime + usage.ru_stime - cpu0
     pairs = read * args.batch
+    # Slopes over every batch boundary, not the two ends: up to four batches are in flight
+    # at any moment (max_outstanding_requests), partly received, which would otherwise
+    # weigh on a window of a few batches.
+    n, t, rx = (np.array(column, float) for column in zip(*samples))
+    bytes_per_pair = np.polyfit(n, rx, 1)[0] if read > 1 else (rx[-1] - rx[0]) / pairs
+    seconds_per_pair = np.polyfit(n, t, 1)[0] if read > 1 else (t[-1] - t[0]) / pairs
     if args.save:
         views, epochs, ids = (np.concatenate(part) for part in zip(*kept))
         np.savez(args.save, views=views, epochs=epochs, ids=ids)
-    print(json.dumps({"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds,
-                      "bytes_per_pair": rx / pairs, "trainer_cpu_ms_per_pair": cpu / pairs * 1e3}), flush=True)
+    print(json.dumps({"pairs": pairs, "seconds": t[-1] - t[0], "pairs_per_s": 1 / seconds_per_pair,
+                      "bytes_per_pair": bytes_per_pair, "trainer_cpu_ms_per_pair": cpu / pairs * 1e3}), flush=True)
     return 0
+
+
+def codec_costs(dataset: str, size: int, batch: int, augment_on: str, repeats: int = 4) -> dict:
+    """Per wire format: milliseconds of one core per pair that the worker adds to pack a
+    batch (jpeg encode, snappy compress) and the trainer adds to unpack it (jpeg decode,
+    snappy uncompress), and the payload bytes per pair. Timed in this process on real
+    batches, with TensorFlow held to one thread (`main` sets it); snappy through the ops
+    the service itself calls (tf.data's compression_ops)."""
+    import tensorflow as tf
+    from tensorflow.python.data.experimental.ops import compression_ops
+
+    from simsiam_tf import augment as aug
+    from simsiam_tf.config import make_config
+    from simsiam_tf.input import open_input, wire
+
+    stream = open_input(make_config(dataset=dataset, image_size=size, input="stream", val_fraction=0.0))[0]
+    spec = aug.AugmentSpec.for_image_size(size)
+    views = list(stream.worker_batches(batch, spec, 0, 1, augment_on=augment_on).take(repeats))
+    element = tf.TensorSpec(views[0].shape, tf.uint8)
+
+    def per_pair_ms(fn, inputs):
+        fn(inputs[0])  # traced and warm
+        started = time.process_time()
+        outputs = [fn(x) for x in inputs]
+        return (time.process_time() - started) / (len(inputs) * batch) * 1e3, outputs
+
+    encode, jpegs = per_pair_ms(tf.function(lambda v: wire.pack(v, "jpeg")), views)
+    decode, _ = per_pair_ms(tf.function(lambda s: wire.unpack(s, "jpeg", size)), jpegs)
+    compress, packed = per_pair_ms(compression_ops.compress, views)
+    uncompress, _ = per_pair_ms(lambda c: compression_ops.uncompress(c, element), packed)
+    jpeg_bytes = sum(len(x) for j in jpegs for x in j.numpy().ravel()) / (len(jpegs) * batch)
+    return {
+        "uint8": {"worker_ms_per_pair": 0.0, "trainer_ms_per_pair": 0.0, "payload_bytes_per_pair": 2 * 3 * size ** 2},
+        "snappy": {"worker_ms_per_pair": compress, "trainer_ms_per_pair": uncompress},
+        "jpeg": {"worker_ms_per_pair": encode, "trainer_ms_per_pair": decode, "payload_bytes_per_pair": jpeg_bytes},
+    }
 
 
 class Cluster:
@@ -188,16 +238,19 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="64 photos at 64 px, one cap, few batches")
     p.add_argument("--photos", type=positive_int, help="default 1,024 (--quick: 64)")
     p.add_argument("--size", type=positive_int, help="training image size (default 224; --quick: 64)")
+    p.add_argument("--grain", type=nonnegative_float, default=0.0,
+                   help="Gaussian grain added to the photos (default 0: upscaled CIFAR-10, smoother than photos; "
+                   "20 makes ~94 KiB files, ImageNet's size, and noisier than photos)")
     p.add_argument("--batch", type=batch_size, default=32)
-    p.add_argument("--batches", type=positive_int, help="measured batches per row at most (default 8; --quick: 2)")
+    p.add_argument("--batches", type=positive_int, help="measured batches per row at most (default 16; --quick: 3)")
     p.add_argument("--seconds", type=float, default=20.0, help="measure at most this long per row (default 20)")
     p.add_argument("--warmup", type=int, default=2, help="batches read before measuring (default 2)")
-    p.add_argument("--caps", default=None, help="comma-separated Mbit/s, 0 = unlimited (default 10,100,0; --quick: 0)")
+    p.add_argument("--caps", default=None, help="comma-separated Mbit/s, 0 = unlimited (default 100,1000,0; --quick: 0)")
     p.add_argument("--wires", default=",".join(WIRES))
     p.add_argument("--augment", default="host,device", help="--augment-on values to measure (default host,device)")
     args = p.parse_args(argv)
-    quick = dict(photos=64, size=64, batches=2, caps="0") if args.quick else dict(
-        photos=1024, size=224, batches=8, caps="10,100,0")
+    quick = dict(photos=64, size=64, batches=3, caps="0") if args.quick else dict(
+        photos=1024, size=224, batches=16, caps="100,1000,0")
     for key, value in quick.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -210,11 +263,22 @@ def main(argv=None) -> int:
     from simsiam_tf.input import records
     from simsiam_tf.input.wire import JPEG_QUALITY
 
-    root = photo_folder(args.photos)
+    root = photo_folder(args.photos, args.grain)
     shards = os.path.join(tempfile.gettempdir(), "simsiam-tf-bench", f"shards-{os.path.basename(root)}")
     if records.read_index(shards) is None:
         records.write_records(root, shards, shards=16, overwrite=True)
     dataset = f"tfrecord:{shards}"
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    codecs = {}
+    for augment_on in args.augment.split(","):
+        codecs[augment_on] = codec_costs(dataset, args.size, args.batch, augment_on)
+        for wire, cost in codecs[augment_on].items():
+            print(f"  codec  {augment_on:<6} {wire:<6} worker +{cost['worker_ms_per_pair']:.2f} ms/pair  "
+                  f"trainer +{cost['trainer_ms_per_pair']:.2f} ms/pair (one core)", flush=True)
 
     rows = []
     with EmulatedHosts(HOSTS) as hosts:
@@ -241,9 +305,9 @@ def main(argv=None) -> int:
         "service_wire", rows,
         [("cap_mbit", "cap Mbit/s"), ("augment_on", "augment on"), ("wire", "wire"), ("pairs", "pairs"),
          ("bytes_per_pair", "bytes/pair"), ("pairs_per_s", "pairs/s"), ("trainer_cpu_ms_per_pair", "trainer ms CPU/pair")],
-        {"photos": args.photos, "image_size": args.size, "batch": args.batch, "uint8_bytes_per_pair": 2 * 3 * args.size ** 2,
+        {"photos": args.photos, "grain": args.grain, "image_size": args.size, "batch": args.batch, "uint8_bytes_per_pair": 2 * 3 * args.size ** 2,
          "latency_added": "none: this kernel has no tc netem" if not delay else "none (not asked)",
-         "jpeg_quality": JPEG_QUALITY, "hosts": "network namespaces joined by veth pairs to a bridge (emulated_hosts.py)"},
+         "jpeg_quality": JPEG_QUALITY, "codec_one_core": codecs, "hosts": "network namespaces joined by veth pairs to a bridge (emulated_hosts.py)"},
     )
     return 0
 

@@ -16,6 +16,7 @@ Needs root (CI runs as root); elsewhere these tests skip, saying why.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -172,6 +173,7 @@ def test_a_trainer_cut_off_beyond_the_grace_stops_with_exit_75_and_resume_finish
     assert all(np.isfinite(h["loss"]) for h in summary["history"])
 
 
+@pytest.mark.skipif(shutil.which("nft") is None, reason="packet loss needs nft: apt-get install nftables (.ci/run does)")
 def test_a_lossy_network_and_a_10_second_cut_lose_no_image(hosts, cluster, tmp_path):
     for name in HOSTS:
         hosts.shape(name, loss_pct=1.0)
