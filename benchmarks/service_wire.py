@@ -120,11 +120,12 @@ def read_main(args) -> int:
     return 0
 
 
-def codec_costs(dataset: str, size: int, batch: int, augment_on: str, repeats: int = 4) -> dict:
-    """Per wire format: milliseconds of one core per pair that the worker adds to pack a
-    batch (jpeg encode, snappy compress) and the trainer adds to unpack it (jpeg decode,
-    snappy uncompress), and the payload bytes per pair. Timed in this process on real
-    batches, with TensorFlow held to one thread (`main` sets it); snappy through the ops
+def cpu_costs(dataset: str, size: int, batch: int, augment_on: str, batches: int = 6) -> dict:
+    """CPU milliseconds per pair, measured in this process as CPU time (all threads, so
+    per core whatever the parallelism): what a worker spends making a pair (the
+    served pipeline's decode, crops and, with `host`, the augmentation), what each wire
+    format adds on the worker (jpeg encode; snappy compress) and on the trainer (jpeg
+    decode; snappy uncompress), and the payload bytes per pair. Snappy through the ops
     the service itself calls (tf.data's compression_ops)."""
     import tensorflow as tf
     from tensorflow.python.data.experimental.ops import compression_ops
@@ -135,7 +136,11 @@ def codec_costs(dataset: str, size: int, batch: int, augment_on: str, repeats: i
 
     stream = open_input(make_config(dataset=dataset, image_size=size, input="stream", val_fraction=0.0))[0]
     spec = aug.AugmentSpec.for_image_size(size)
-    views = list(stream.worker_batches(batch, spec, 0, 1, augment_on=augment_on).take(repeats))
+    it = iter(stream.worker_batches(batch, spec, 0, 1000, augment_on=augment_on))
+    next(it)  # traced and warm
+    started = time.process_time()
+    views = [next(it) for _ in range(batches)]
+    make_ms = (time.process_time() - started) / (batches * batch) * 1e3
     element = tf.TensorSpec(views[0].shape, tf.uint8)
 
     def per_pair_ms(fn, inputs):
@@ -150,6 +155,7 @@ def codec_costs(dataset: str, size: int, batch: int, augment_on: str, repeats: i
     uncompress, _ = per_pair_ms(lambda c: compression_ops.uncompress(c, element), packed)
     jpeg_bytes = sum(len(x) for j in jpegs for x in j.numpy().ravel()) / (len(jpegs) * batch)
     return {
+        "make_ms_per_pair": make_ms,
         "uint8": {"worker_ms_per_pair": 0.0, "trainer_ms_per_pair": 0.0, "payload_bytes_per_pair": 2 * 3 * size ** 2},
         "snappy": {"worker_ms_per_pair": compress, "trainer_ms_per_pair": uncompress},
         "jpeg": {"worker_ms_per_pair": encode, "trainer_ms_per_pair": decode, "payload_bytes_per_pair": jpeg_bytes},
@@ -241,6 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--grain", type=nonnegative_float, default=0.0,
                    help="Gaussian grain added to the photos (default 0: upscaled CIFAR-10, smoother than photos; "
                    "20 makes ~94 KiB files, ImageNet's size, and noisier than photos)")
+    p.add_argument("--dataset", help="read this instead of the photos (e.g. tfrecord:DIR or folder:DIR at --size 32)")
     p.add_argument("--batch", type=batch_size, default=32)
     p.add_argument("--batches", type=positive_int, help="measured batches per row at most (default 16; --quick: 3)")
     p.add_argument("--seconds", type=float, default=20.0, help="measure at most this long per row (default 20)")
@@ -263,22 +270,23 @@ def main(argv=None) -> int:
     from simsiam_tf.input import records
     from simsiam_tf.input.wire import JPEG_QUALITY
 
-    root = photo_folder(args.photos, args.grain)
-    shards = os.path.join(tempfile.gettempdir(), "simsiam-tf-bench", f"shards-{os.path.basename(root)}")
-    if records.read_index(shards) is None:
-        records.write_records(root, shards, shards=16, overwrite=True)
-    dataset = f"tfrecord:{shards}"
+    if args.dataset:
+        dataset = args.dataset
+    else:
+        root = photo_folder(args.photos, args.grain)
+        shards = os.path.join(tempfile.gettempdir(), "simsiam-tf-bench", f"shards-{os.path.basename(root)}")
+        if records.read_index(shards) is None:
+            records.write_records(root, shards, shards=16, overwrite=True)
+        dataset = f"tfrecord:{shards}"
 
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    codecs = {}
+    costs = {}
     for augment_on in args.augment.split(","):
-        codecs[augment_on] = codec_costs(dataset, args.size, args.batch, augment_on)
-        for wire, cost in codecs[augment_on].items():
-            print(f"  codec  {augment_on:<6} {wire:<6} worker +{cost['worker_ms_per_pair']:.2f} ms/pair  "
-                  f"trainer +{cost['trainer_ms_per_pair']:.2f} ms/pair (one core)", flush=True)
+        costs[augment_on] = cpu_costs(dataset, args.size, args.batch, augment_on)
+        print(f"  CPU    {augment_on:<6} making a pair {costs[augment_on]['make_ms_per_pair']:.2f} ms", flush=True)
+        for wire in args.wires.split(","):
+            cost = costs[augment_on][wire]
+            print(f"  CPU    {augment_on:<6} {wire:<6} worker +{cost['worker_ms_per_pair']:.3f} ms/pair  "
+                  f"trainer +{cost['trainer_ms_per_pair']:.3f} ms/pair", flush=True)
 
     rows = []
     with EmulatedHosts(HOSTS) as hosts:
@@ -307,7 +315,7 @@ def main(argv=None) -> int:
          ("bytes_per_pair", "bytes/pair"), ("pairs_per_s", "pairs/s"), ("trainer_cpu_ms_per_pair", "trainer ms CPU/pair")],
         {"photos": args.photos, "grain": args.grain, "image_size": args.size, "batch": args.batch, "uint8_bytes_per_pair": 2 * 3 * args.size ** 2,
          "latency_added": "none: this kernel has no tc netem" if not delay else "none (not asked)",
-         "jpeg_quality": JPEG_QUALITY, "codec_one_core": codecs, "hosts": "network namespaces joined by veth pairs to a bridge (emulated_hosts.py)"},
+         "jpeg_quality": JPEG_QUALITY, "dataset": dataset, "cpu_ms_per_pair": costs, "hosts": "network namespaces joined by veth pairs to a bridge (emulated_hosts.py)"},
     )
     return 0
 
