@@ -248,3 +248,42 @@ def test_benchmarks_parse_with_the_shared_parser():
         text = open(os.path.join(folder, name)).read()
         assert "argparse.ArgumentParser(" not in text, f"{name}: use common.Parser (one-line errors, exit 2)"
         assert "type=int" not in text or name == "torch_parity.py", f"{name}: use common's checked types"
+
+
+def test_cluster_table_multiplies_the_measured_figures_per_pair(python, tmp_path):
+    # A service_wire.py result with round numbers: the projection is arithmetic on them.
+    def wire(make_ms, uint8_bytes, jpeg_bytes):
+        costs = {"make_ms_per_pair": make_ms, "uint8": {"worker_ms_per_pair": 0.0, "trainer_ms_per_pair": 0.0},
+                 "snappy": {"worker_ms_per_pair": 0.1, "trainer_ms_per_pair": 0.1},
+                 "jpeg": {"worker_ms_per_pair": 1.0, "trainer_ms_per_pair": 0.5}}
+        rows = [{"cap_mbit": "unlimited", "augment_on": "device", "wire": "uint8", "bytes_per_pair": uint8_bytes,
+                 "trainer_cpu_ms_per_pair": 0.25},
+                {"cap_mbit": "unlimited", "augment_on": "device", "wire": "jpeg", "bytes_per_pair": jpeg_bytes,
+                 "trainer_cpu_ms_per_pair": 1.0},
+                {"cap_mbit": 100.0, "augment_on": "device", "wire": "uint8", "bytes_per_pair": 1e9,
+                 "trainer_cpu_ms_per_pair": 9.0}]  # a capped row: not read
+        return "table...\n" + json.dumps({"cpu_ms_per_pair": {"device": costs}, "rows": rows}) + "\n"
+
+    (tmp_path / "224.txt").write_text(wire(4.0, 300_000, 30_000))
+    (tmp_path / "32.txt").write_text(wire(1.0, 6_000, 2_000))
+    result = subprocess.run([python, os.path.join(REPO, "benchmarks", "cluster_table.py"), "--wire-224",
+                             str(tmp_path / "224.txt"), "--wire-32", str(tmp_path / "32.txt"),
+                             "--gpu-pairs-224", "2500"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    r50x8 = next(r for r in rows if r["model"].startswith("ResNet-50") and r["gpus"] == 8)
+    assert r50x8["pairs_per_s"] == 20_000
+    assert math.isclose(r50x8["worker_cores_uint8"], 20_000 * 4.0 / 1e3)  # 80 cores make the pairs
+    assert math.isclose(r50x8["worker_cores_jpeg"], 20_000 * 5.0 / 1e3)  # and 20 more encode them
+    assert math.isclose(r50x8["gbit_uint8"], 20_000 * 300_000 * 8 / 1e9)  # 48 Gbit/s
+    assert math.isclose(r50x8["trainer_cores_jpeg"], 20.0)
+    # 48 Gbit/s fits no 10 or 25 Gbit/s NIC at 70%; jpeg's 4.8 fits both; uint8 fits 100.
+    assert (r50x8["nic_10"], r50x8["nic_25"], r50x8["nic_100"]) == ("jpeg", "jpeg", "uint8")
+    r18x1 = next(r for r in rows if r["model"].startswith("ResNet-18") and r["gpus"] == 1)
+    assert r18x1["pairs_per_s"] == 19_300 and r18x1["nic_10"] == "uint8"  # 0.93 Gbit/s
+    # And the files must hold a result.
+    (tmp_path / "empty.txt").write_text("no json here\n")
+    bad = subprocess.run([python, os.path.join(REPO, "benchmarks", "cluster_table.py"), "--wire-224",
+                          str(tmp_path / "empty.txt"), "--wire-32", str(tmp_path / "32.txt")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "holds no JSON line of service_wire.py" in bad.stderr
