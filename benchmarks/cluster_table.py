@@ -7,8 +7,10 @@
 For each model (ResNet-18 at 32 px, ResNet-50 at 224 px) and GPUs per trainer host, with
 P = GPUs x pairs/s per GPU:
 
-- input worker cores = P x (CPU ms to make a pair + ms to pack it) / 1000, per
-  `--augment-on` (measured here: `cpu_ms_per_pair` of service_wire.py);
+- input worker cores = P x (CPU ms to make a pair + ms to pack it) / 1000 / busy, per
+  `--augment-on` (measured here: `cpu_ms_per_pair` of service_wire.py), where busy is
+  the share of its cores tf.data kept busy while making pairs (`cores_busy`; 1 where
+  the result has none): cores are provisioned for the wall clock, not the CPU time;
 - network into the trainer host = P x bytes per pair on the wire x 8 (measured on the
   trainer's veth: the unlimited rows of service_wire.py), per wire format;
 - trainer cores to receive = P x trainer CPU ms per pair / 1000 (measured: the reader's
@@ -52,6 +54,7 @@ def _figures(wire_json: dict) -> dict:
         rows = {r["wire"]: r for r in wire_json["rows"] if r["cap_mbit"] == "unlimited" and r["augment_on"] == augment_on}
         out[augment_on] = {
             "make_ms": costs["make_ms_per_pair"],
+            "busy": costs.get("cores_busy", 1.0),
             **{w: {"worker_ms": costs[w]["worker_ms_per_pair"], "bytes": rows[w]["bytes_per_pair"],
                    "trainer_ms": rows[w]["trainer_cpu_ms_per_pair"]} for w in rows},
         }
@@ -63,7 +66,7 @@ def project(figures: dict, pairs_per_gpu: float, gpus: int, augment_on: str) -> 
     p = gpus * pairs_per_gpu
     row = {"gpus": gpus, "pairs_per_s": p}
     for w in ("uint8", "jpeg"):
-        row[f"worker_cores_{w}"] = p * (f["make_ms"] + f[w]["worker_ms"]) / 1e3
+        row[f"worker_cores_{w}"] = p * (f["make_ms"] + f[w]["worker_ms"]) / 1e3 / f["busy"]
         row[f"gbit_{w}"] = p * f[w]["bytes"] * 8 / 1e9
         row[f"trainer_cores_{w}"] = p * f[w]["trainer_ms"] / 1e3
     for nic in NICS:
@@ -97,12 +100,12 @@ def main(argv=None) -> int:
                   f"{r['trainer_cores_uint8']:.1f} / {r['trainer_cores_jpeg']:.1f} | "
                   + " | ".join(r[f"nic_{n}"] for n in NICS) + " |")
     print("\nPer pair, the measured inputs:\n")
-    print("| model | make a pair (worker CPU ms) | jpeg encode (worker ms) | bytes on the wire, uint8 / jpeg "
+    print("| model | make a pair (worker CPU ms) | cores busy | jpeg encode (worker ms) | bytes on the wire, uint8 / jpeg "
           "| trainer CPU ms, uint8 / jpeg |")
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for name, figures, _ in models:
         f = figures[args.augment_on]
-        print(f"| {name} | {f['make_ms']:.2f} | {f['jpeg']['worker_ms']:.3f} | {f['uint8']['bytes']:,.0f} / "
+        print(f"| {name} | {f['make_ms']:.2f} | {f['busy']:.0%} | {f['jpeg']['worker_ms']:.3f} | {f['uint8']['bytes']:,.0f} / "
               f"{f['jpeg']['bytes']:,.0f} | {f['uint8']['trainer_ms']:.2f} / {f['jpeg']['trainer_ms']:.2f} |")
     print(json.dumps({"benchmark": "cluster_table", "augment_on": args.augment_on, "nic_share": NIC_SHARE,
                       "gpu_pairs": {"resnet18_32": args.gpu_pairs_32, "resnet50_224": args.gpu_pairs_224},

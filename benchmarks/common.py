@@ -101,7 +101,7 @@ def median_seconds(fn, warmup: int, repeats: int) -> float:
 
 def report(name: str, rows: list[dict], columns: list[tuple[str, str]], extra: dict | None = None) -> None:
     """Print `rows` as a table of `columns` (key, header), then one JSON line."""
-    widths = [max(len(h), *(len(_fmt(r.get(k))) for r in rows)) for k, h in columns]
+    widths = [max([len(h)] + [len(_fmt(r.get(k))) for r in rows]) for k, h in columns]
     print("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths)))
     for r in rows:
         print("  ".join(_fmt(r.get(k)).ljust(w) for (k, _), w in zip(columns, widths)))

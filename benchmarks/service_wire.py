@@ -138,9 +138,11 @@ def cpu_costs(dataset: str, size: int, batch: int, augment_on: str, batches: int
     spec = aug.AugmentSpec.for_image_size(size)
     it = iter(stream.worker_batches(batch, spec, 0, 1000, augment_on=augment_on))
     next(it)  # traced and warm
-    started = time.process_time()
+    started, wall = time.process_time(), time.perf_counter()
     views = [next(it) for _ in range(batches)]
     make_ms = (time.process_time() - started) / (batches * batch) * 1e3
+    # How busy tf.data kept this machine's cores meanwhile: CPU time over wall time x cores.
+    busy = (time.process_time() - started) / ((time.perf_counter() - wall) * os.cpu_count())
     element = tf.TensorSpec(views[0].shape, tf.uint8)
 
     def per_pair_ms(fn, inputs):
@@ -156,6 +158,7 @@ def cpu_costs(dataset: str, size: int, batch: int, augment_on: str, batches: int
     jpeg_bytes = sum(len(x) for j in jpegs for x in j.numpy().ravel()) / (len(jpegs) * batch)
     return {
         "make_ms_per_pair": make_ms,
+        "cores_busy": busy,
         "uint8": {"worker_ms_per_pair": 0.0, "trainer_ms_per_pair": 0.0, "payload_bytes_per_pair": 2 * 3 * size ** 2},
         "snappy": {"worker_ms_per_pair": compress, "trainer_ms_per_pair": uncompress},
         "jpeg": {"worker_ms_per_pair": encode, "trainer_ms_per_pair": decode, "payload_bytes_per_pair": jpeg_bytes},
@@ -220,6 +223,16 @@ def read_in(hosts, target: str, dataset: str, job: str, *, wire: str, augment_on
     return json.loads(out.strip().splitlines()[-1])
 
 
+class _NoHosts:
+    can_delay = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -255,13 +268,14 @@ def main(argv=None) -> int:
     p.add_argument("--caps", default=None, help="comma-separated Mbit/s, 0 = unlimited (default 100,1000,0; --quick: 0)")
     p.add_argument("--wires", default=",".join(WIRES))
     p.add_argument("--augment", default="host,device", help="--augment-on values to measure (default host,device)")
+    p.add_argument("--cpu-only", action="store_true", help="only the CPU costs per pair, in process (no hosts)")
     args = p.parse_args(argv)
     quick = dict(photos=64, size=64, batches=3, caps="0") if args.quick else dict(
         photos=1024, size=224, batches=16, caps="100,1000,0")
     for key, value in quick.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    reason = why_unsupported()
+    reason = None if args.cpu_only else why_unsupported()
     if reason:
         print(f"service_wire: error: emulated hosts {reason}; run as root on Linux", file=sys.stderr)
         return 2
@@ -282,16 +296,17 @@ def main(argv=None) -> int:
     costs = {}
     for augment_on in args.augment.split(","):
         costs[augment_on] = cpu_costs(dataset, args.size, args.batch, augment_on)
-        print(f"  CPU    {augment_on:<6} making a pair {costs[augment_on]['make_ms_per_pair']:.2f} ms", flush=True)
+        print(f"  CPU    {augment_on:<6} making a pair {costs[augment_on]['make_ms_per_pair']:.2f} ms, the cores "
+              f"{costs[augment_on]['cores_busy']:.0%} busy", flush=True)
         for wire in args.wires.split(","):
             cost = costs[augment_on][wire]
             print(f"  CPU    {augment_on:<6} {wire:<6} worker +{cost['worker_ms_per_pair']:.3f} ms/pair  "
                   f"trainer +{cost['trainer_ms_per_pair']:.3f} ms/pair", flush=True)
 
-    rows = []
-    with EmulatedHosts(HOSTS) as hosts:
+    rows, delay = [], False
+    with (EmulatedHosts(HOSTS) if not args.cpu_only else _NoHosts()) as hosts:
         delay = hosts.can_delay
-        for cap in caps:
+        for cap in caps if not args.cpu_only else []:
             for name in HOSTS:
                 hosts.shape(name, rate_mbit=cap)
             for augment_on in args.augment.split(","):

@@ -253,7 +253,7 @@ def test_benchmarks_parse_with_the_shared_parser():
 def test_cluster_table_multiplies_the_measured_figures_per_pair(python, tmp_path):
     # A service_wire.py result with round numbers: the projection is arithmetic on them.
     def wire(make_ms, uint8_bytes, jpeg_bytes):
-        costs = {"make_ms_per_pair": make_ms, "uint8": {"worker_ms_per_pair": 0.0, "trainer_ms_per_pair": 0.0},
+        costs = {"make_ms_per_pair": make_ms, "cores_busy": 0.8, "uint8": {"worker_ms_per_pair": 0.0, "trainer_ms_per_pair": 0.0},
                  "snappy": {"worker_ms_per_pair": 0.1, "trainer_ms_per_pair": 0.1},
                  "jpeg": {"worker_ms_per_pair": 1.0, "trainer_ms_per_pair": 0.5}}
         rows = [{"cap_mbit": "unlimited", "augment_on": "device", "wire": "uint8", "bytes_per_pair": uint8_bytes,
@@ -273,8 +273,9 @@ def test_cluster_table_multiplies_the_measured_figures_per_pair(python, tmp_path
     rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
     r50x8 = next(r for r in rows if r["model"].startswith("ResNet-50") and r["gpus"] == 8)
     assert r50x8["pairs_per_s"] == 20_000
-    assert math.isclose(r50x8["worker_cores_uint8"], 20_000 * 4.0 / 1e3)  # 80 cores make the pairs
-    assert math.isclose(r50x8["worker_cores_jpeg"], 20_000 * 5.0 / 1e3)  # and 20 more encode them
+    # 80 cores' CPU time makes the pairs, kept 80% busy: 100 cores; 25 more encode them as JPEG.
+    assert math.isclose(r50x8["worker_cores_uint8"], 20_000 * 4.0 / 1e3 / 0.8)
+    assert math.isclose(r50x8["worker_cores_jpeg"], 20_000 * 5.0 / 1e3 / 0.8)
     assert math.isclose(r50x8["gbit_uint8"], 20_000 * 300_000 * 8 / 1e9)  # 48 Gbit/s
     assert math.isclose(r50x8["trainer_cores_jpeg"], 20.0)
     # 48 Gbit/s fits no 10 or 25 Gbit/s NIC at 70%; jpeg's 4.8 fits both; uint8 fits 100.
@@ -287,3 +288,15 @@ def test_cluster_table_multiplies_the_measured_figures_per_pair(python, tmp_path
                           str(tmp_path / "empty.txt"), "--wire-32", str(tmp_path / "32.txt")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "holds no JSON line of service_wire.py" in bad.stderr
+
+
+def test_service_wire_cpu_costs_per_pair(python):
+    # The in-process half of service_wire.py (the hosts half runs in test_emulated_hosts.py).
+    out = _run(python, "service_wire.py", "--quick", "--cpu-only", "--augment", "device")
+    costs = out["cpu_ms_per_pair"]["device"]
+    assert _positive(costs["make_ms_per_pair"]) and 0 < costs["cores_busy"] <= 1.05
+    assert costs["uint8"]["worker_ms_per_pair"] == 0 and costs["uint8"]["payload_bytes_per_pair"] == 2 * 3 * 64 * 64
+    for wire in ("snappy", "jpeg"):
+        assert _positive(costs[wire]["worker_ms_per_pair"]) and _positive(costs[wire]["trainer_ms_per_pair"])
+    assert 0 < costs["jpeg"]["payload_bytes_per_pair"] < costs["uint8"]["payload_bytes_per_pair"] / 3
+    assert out["rows"] == []  # no hosts asked for
