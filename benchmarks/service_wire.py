@@ -45,7 +45,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, Parser, batch_size, nonnegative_float, photo_folder, positive_int, report  # noqa: E402
+from common import REPO, Parser, batch_size, nonnegative_float, nonnegative_int, photo_folder, positive_int, report  # noqa: E402
 
 WIRES = ("uint8", "snappy", "jpeg")
 HOSTS = ["dispatcher", "worker1", "worker2", "trainer"]
@@ -243,10 +243,10 @@ def main(argv=None) -> int:
         p.add_argument("--size", type=positive_int, required=True)
         p.add_argument("--batch", type=batch_size, required=True)
         p.add_argument("--batches", type=positive_int, required=True)
-        p.add_argument("--seconds", type=float, default=30.0)
-        p.add_argument("--warmup", type=int, default=2)
+        p.add_argument("--seconds", type=nonnegative_float, default=30.0)
+        p.add_argument("--warmup", type=nonnegative_int, default=2)
         p.add_argument("--epochs", type=positive_int, default=100)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=nonnegative_int, default=0)
         p.add_argument("--save", help="write the pairs read, with their epochs and image ids, to this .npz file")
         args = p.parse_args(argv[1:])
         return read_main(args)
@@ -263,8 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", help="read this instead of the photos (e.g. tfrecord:DIR or folder:DIR at --size 32)")
     p.add_argument("--batch", type=batch_size, default=32)
     p.add_argument("--batches", type=positive_int, help="measured batches per row at most (default 16; --quick: 3)")
-    p.add_argument("--seconds", type=float, default=20.0, help="measure at most this long per row (default 20)")
-    p.add_argument("--warmup", type=int, default=2, help="batches read before measuring (default 2)")
+    p.add_argument("--seconds", type=nonnegative_float, default=20.0, help="measure at most this long per row (default 20)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="batches read before measuring (default 2)")
     p.add_argument("--caps", default=None, help="comma-separated Mbit/s, 0 = unlimited (default 100,1000,0; --quick: 0)")
     p.add_argument("--wires", default=",".join(WIRES))
     p.add_argument("--augment", default="host,device", help="--augment-on values to measure (default host,device)")

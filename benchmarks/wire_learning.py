@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, REPO, Parser, existing_dir, positive_int, report  # noqa: E402
+from common import CIFAR, REPO, Parser, existing_dir, nonnegative_int, positive_int, report  # noqa: E402
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=existing_dir, default=CIFAR, help="a folder train|test/<class>/*.jpg (CIFAR-10)")
     p.add_argument("--train-limit", type=positive_int, help="training images (default 5,000; --quick: 256)")
     p.add_argument("--epochs", type=positive_int, help="default 10 (--quick: 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--wires", default="uint8,jpeg,uint8", help="one run per entry (default uint8,jpeg,uint8)")
     args = p.parse_args(argv)
     defaults = dict(train_limit=256, epochs=2) if args.quick else dict(train_limit=5000, epochs=10)

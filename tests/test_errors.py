@@ -163,7 +163,7 @@ def test_resume_still_refuses_what_it_cannot_change(tmp_path):
     logdir = tmp_path / "run"
     logdir.mkdir()
     save_config(make_config("digits"), str(logdir / "config.json"))
-    with pytest.raises(UsageError, match=r"these flags differ: width=32 .*only --lr, --batch-size, --micro-batch and --xla may change"):
+    with pytest.raises(UsageError, match=r"these flags differ: width=32 .*only --lr, --batch-size, --micro-batch, --xla and --data-service-wire may change"):
         rundir.resolve_resume(str(logdir), {"width": 32, "base_lr": 0.1})
     with pytest.raises(UsageError, match=r"--batch-size must be at least 2"):
         rundir.resolve_resume(str(logdir), {"batch_size": 1}, announce=lambda *a, **k: None)

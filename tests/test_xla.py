@@ -103,7 +103,7 @@ def test_xla_may_change_on_resume_and_is_recorded(tmp_path):
     assert config.xla == "off" and config.resume_changes == ({"from_epoch": 1, "xla": {"from": "on", "to": "off"}},)
     assert "--xla on -> off" in said[0] and "cosine" not in said[0]
     assert rundir.resolve_resume(str(logdir), {"xla": "on"}) == make_config("digits", xla="on")
-    with pytest.raises(UsageError, match="only --lr, --batch-size, --micro-batch and --xla may change"):
+    with pytest.raises(UsageError, match="only --lr, --batch-size, --micro-batch, --xla and --data-service-wire may change"):
         rundir.resolve_resume(str(logdir), {"width": 4})
 
 
