@@ -169,21 +169,33 @@ class Cluster:
     """The dispatcher and two workers, started in their hosts, as a user starts them."""
 
     def __init__(self, hosts, work_dir: str):
-        self.hosts = hosts
+        self.hosts, self.work_dir = hosts, work_dir
         self.target = f"{hosts.address('dispatcher')}:{PORT}"
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        module = [sys.executable, "-m", "simsiam_tf.data_service"]
-        self.procs = [hosts.popen("dispatcher", [*module, "dispatcher", "--port", str(PORT), "--work-dir", work_dir],
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)]
+        self.procs = [self._dispatcher()]
         for name in ("worker1", "worker2"):
             self.procs.append(hosts.popen(
-                name, [*module, "worker", "--dispatcher", self.target, "--port", str(PORT + 1),
+                name, [*self.MODULE, "worker", "--dispatcher", self.target, "--port", str(PORT + 1),
                        "--worker-address", f"{hosts.address(name)}:%port%"],
-                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
-        for proc in self.procs:
-            line = _readline(proc, SERVER_START_S)
+                cwd=REPO, env=self.ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        self.first_lines = [_readline(proc, SERVER_START_S) for proc in self.procs]
+        for line in self.first_lines:
             if "serving" not in line and "worker on" not in line:
                 raise RuntimeError(f"a tf.data service server did not start: {line!r}")
+
+    MODULE = [sys.executable, "-m", "simsiam_tf.data_service"]
+    ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+    def _dispatcher(self):
+        return self.hosts.popen("dispatcher", [*self.MODULE, "dispatcher", "--port", str(PORT), "--work-dir",
+                                               self.work_dir], cwd=REPO, env=self.ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+
+    def restart_dispatcher(self) -> str:
+        """Kill the dispatcher (as a lost host) and start it again on its journal; its first line."""
+        self.procs[0].kill()
+        self.procs[0].wait()
+        self.procs[0] = self._dispatcher()
+        return _readline(self.procs[0], SERVER_START_S)
 
     def stop(self):
         for proc in self.procs:

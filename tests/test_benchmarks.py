@@ -237,7 +237,7 @@ def test_bad_benchmark_arguments_are_one_line_and_exit_2(python):
         assert result.stdout == "", script
 
 
-LIBRARY_MODULES = ("common.py", "step_clock.py")  # imported by the scripts, no command line
+LIBRARY_MODULES = ("common.py", "step_clock.py", "emulated_hosts.py")  # imported by scripts and tests, no command line
 
 
 def test_benchmarks_parse_with_the_shared_parser():

@@ -7,7 +7,8 @@ only inside those namespaces.
   same (seed, epoch, image), byte for byte, and the bytes on the trainer's link are
   those pairs' (JPEG on the wire: tests/test_wire.py, and the lossy run below);
 - a run whose trainer loses its link for longer than --data-service-grace stops with
-  the exit 75 line, and --resume finishes it;
+  the exit 75 line, and --resume finishes it (after the dispatcher, lost too, came
+  back on its journal);
 - with 1% of packets lost on every link and the trainer's link cut for 10 s mid-epoch,
   the run goes on (the default grace is 60 s) and misses no image (with JPEG on the
   wire, so that train.py's unpacking runs end to end too).
@@ -131,6 +132,7 @@ def _train(hosts, cluster, args, **kwargs):
 
 
 def test_a_trainer_cut_off_beyond_the_grace_stops_with_exit_75_and_resume_finishes(hosts, cluster, tmp_path):
+    # Also what tests/test_data_service.py checks on loopback where these hosts cannot be made.
     from simsiam_tf import data_service
 
     folder = _folder(tmp_path / "images", 256)
@@ -152,6 +154,8 @@ def test_a_trainer_cut_off_beyond_the_grace_stops_with_exit_75_and_resume_finish
     at_stop = json.loads(meta.read_text())["epoch"]
     assert 1 <= at_stop < 6
 
+    # The dispatcher lost too (its host restarted): it comes back on its journal.
+    assert "recovered its jobs" in cluster.restart_dispatcher()
     resumed = _train(hosts, cluster, ["--resume", str(run)])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
@@ -168,9 +172,12 @@ def test_a_lossy_network_and_a_10_second_cut_lose_no_image(hosts, cluster, tmp_p
     folder = _folder(tmp_path / "images", 256)
     run = tmp_path / "run"
     meta = run / "checkpoints" / "last" / "training_metadata.json"
-    # With JPEG on the wire: train.py's own unpacking, end to end.
+    # With JPEG on the wire (train.py's own unpacking, end to end), on two replicas with
+    # the augmentation on them: also what tests/test_data_service.py checks on loopback
+    # where these hosts cannot be made.
     trainer = _train(hosts, cluster, ["--dataset", f"folder:{folder}", "--epochs", "4", "--batch-size", "32",
-                                      "--data-service-wire", "jpeg", "--logdir", str(run), *SMALL])
+                                      "--data-service-wire", "jpeg", "--strategy", "mirrored", "--cpu-replicas", "2",
+                                      "--augment-on", "device", "--logdir", str(run), *SMALL])
     try:
         assert _wait_for(meta, trainer, 240), trainer.communicate()[1][-2000:]
         before = hosts.counters("trainer")
@@ -190,5 +197,7 @@ def test_a_lossy_network_and_a_10_second_cut_lose_no_image(hosts, cluster, tmp_p
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4]
     assert summary["images_missed"] == 0
     assert "unreachable" not in err
-    assert "jpeg on the wire" in out
-    assert json.loads((run / "config.json").read_text())["data_service_wire"] == "jpeg"
+    assert "jpeg on the wire" in out and "on 2 replica(s)" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["data_service_wire"] == "jpeg" and config["data_service"] == f"grpc://{cluster.target}"
+    assert summary["input"] == "service" and all(np.isfinite(h["loss"]) for h in summary["history"])

@@ -57,6 +57,7 @@ from simsiam_tf.rundir import completed_epochs
 INTERLEAVE = 4
 BUFFER = 256
 CONNECT_WINDOW_S = 15  # how long a starting trainer waits for the dispatcher to answer
+STALL_S = 60.0  # ServiceDelivery: no image of a data epoch for this long (and an epoch) = the rest missed
 REGISTER_TIMEOUT_S = 10
 
 
@@ -257,15 +258,21 @@ class ServiceDelivery(keras.callbacks.Callback):
 
     The service streams the whole run without breaks, so the images of a data epoch
     reach the trainer a little before or after the training epoch of the same number.
-    A data epoch is counted once all its images have arrived, or once a whole training
-    epoch has gone by in which none of its images arrived while later ones did: images
-    still on their way would have kept arriving. Missed images were held by a worker
-    that stopped, or could not be decoded.
+    A data epoch is counted once all its images have arrived, or once none of them has
+    arrived for `stall_s` seconds and a whole training epoch while later ones did:
+    images still on their way would have kept arriving. The time matters where epochs
+    are short: after a link is cut and restored, each worker's connection comes back
+    after its own gRPC back-off, and one worker can deliver a whole short epoch of later
+    images before the other's last images of an earlier one (seen across emulated
+    hosts). Missed images were held by a worker that stopped, or could not be decoded.
     """
 
-    def __init__(self, service_input: ServiceInput, initial_epoch: int, previous: int = 0, is_chief: bool = True):
+    def __init__(self, service_input: ServiceInput, initial_epoch: int, previous: int = 0, is_chief: bool = True,
+                 stall_s: float = STALL_S, clock=time.monotonic):
         super().__init__()
         self.input = service_input
+        self.stall_s, self.clock = stall_s, clock
+        self._changed_at = None  # per data epoch: when its count last changed
         self.next_epoch = initial_epoch  # the first data epoch not yet counted (0-based)
         self.first_epoch = initial_epoch
         self.previous = previous  # missed in earlier launches of the run
@@ -281,11 +288,19 @@ class ServiceDelivery(keras.callbacks.Callback):
         received = self.input.delivered(strategy)
         if received is None:
             return []
+        now = self.clock()
+        if self._changed_at is None:
+            self._changed_at = np.full(len(received), now)
+        elif self._before is not None:
+            self._changed_at[received != self._before] = now
         closed = []
         while self.next_epoch < len(received) - 1:
             d = self.next_epoch
             complete = received[d] >= self.input.num_train
-            stalled = self._before is not None and received[d] == self._before[d] and received[d + 1:].sum() > 0
+            stalled = (
+                self._before is not None and received[d] == self._before[d] and received[d + 1:].sum() > 0
+                and now - self._changed_at[d] >= self.stall_s
+            )
             if not (complete or stalled):
                 break
             closed.append((d, int(received[d])))
