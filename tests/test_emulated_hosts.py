@@ -201,3 +201,42 @@ def test_a_lossy_network_and_a_10_second_cut_lose_no_image(hosts, cluster, tmp_p
     config = json.loads((run / "config.json").read_text())
     assert config["data_service_wire"] == "jpeg" and config["data_service"] == f"grpc://{cluster.target}"
     assert summary["input"] == "service" and all(np.isfinite(h["loss"]) for h in summary["history"])
+
+
+def test_hosts_vanish_with_their_maker_even_when_it_is_killed(tmp_path):
+    # A process makes two hosts, starts a process in one, and is killed with SIGKILL (no
+    # cleanup code runs): the kernel kills what it started, and the namespaces go with it.
+    script = (
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {os.path.join(REPO, 'benchmarks')!r})\n"
+        "from emulated_hosts import EmulatedHosts\n"
+        "h = EmulatedHosts(['a', 'b'])\n"
+        "p = h.popen('a', ['sleep', '600'])\n"
+        "held = [str(x.pid) for x in h._holders.values()]\n"
+        "print(p.pid, ' '.join(os.readlink(f'/proc/{x}/ns/net') for x in held), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    maker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        fields = maker.stdout.readline().split()
+        started, namespaces = int(fields[0]), set(fields[1:])
+        assert len(namespaces) == 3 and os.readlink("/proc/self/ns/net") not in namespaces  # switch, a, b
+    finally:
+        maker.kill()
+        maker.wait()
+
+    def alive():
+        left = []
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and os.readlink(f"/proc/{pid}/ns/net") in namespaces:
+                    left.append(pid)
+            except OSError:
+                pass
+        return left
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive() == []  # no process holds any of the three namespaces: they are gone
+    assert not os.path.exists(f"/proc/{started}") or open(f"/proc/{started}/stat").read().split()[2] == "Z"
