@@ -54,7 +54,7 @@ def python():
 # finish together instead of one running the learning test alone at the end.
 LONGEST_FIRST = (
     "test_learning.py", "test_collapse.py", "test_benchmarks.py", "test_stream_training.py",
-    "test_data_service.py", "test_reliability.py", "test_train_cli.py", "test_errors.py",
+    "test_data_service.py", "test_emulated_hosts.py", "test_reliability.py", "test_train_cli.py", "test_errors.py",
 )
 
 
