@@ -284,6 +284,11 @@ def _main(argv, run) -> int:
         run["logdir"], run["existed"] = logdir, os.path.exists(logdir)
         if config.strategy != "multi_worker" or tf_config_is_chief():
             check_logdir(logdir, resume=resume)
+        from simsiam_tf.input.catalog import parse_dataset, require_folder
+
+        dataset = parse_dataset(config.dataset)
+        if dataset.kind == "folder":  # a wrong path fails here, not after TensorFlow's import
+            require_folder(dataset.location)
         from simsiam_tf import training  # imports TensorFlow: only for a valid command
 
         training.run(config, logdir, resume=resume)

@@ -209,10 +209,12 @@ def choose_preset(dataset: str, image_size: int | None = None) -> tuple[str, str
     prepare.py recorded in their index.json (`image_sizes.index_median_size`; cifar
     when there is none).
     """
-    from simsiam_tf.input.catalog import parse_dataset
+    from simsiam_tf.input.catalog import parse_dataset, require_folder
 
     small = f"≤ {SMALL_IMAGE_SIDE} px"
     ref = parse_dataset(dataset)
+    if ref.kind == "folder":
+        require_folder(ref.location)  # not a preset line about a folder that is not there
     if ref.kind == "digits":
         return "digits", "--dataset digits, the bundled offline default"
     if ref.kind == "tfds" and dataset.startswith("imagenet"):

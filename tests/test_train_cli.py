@@ -256,3 +256,20 @@ def test_resume_refuses_a_changed_configuration(tmp_path):
     with pytest.raises(UsageError, match="these flags differ: width=16"):  # --lr and --batch-size may change
         rundir.resolve_resume(logdir, {"width": 16})
     assert rundir.resolve_resume(logdir, {"batch_size": 32}) == _tiny(epochs=1).replace(input="memory")
+
+
+@pytest.mark.parametrize("preset", [[], ["--preset", "cifar"]])
+def test_a_missing_folder_fails_before_tensorflow_and_before_any_preset_line(tmp_path, preset):
+    # train.main in a fresh process that reports whether TensorFlow got imported: a fact,
+    # not a timing.
+    script = (
+        "import sys, train\n"
+        f"rc = train.main(['--dataset', 'folder:{tmp_path / 'missing'}', *{preset!r}])\n"
+        "print('rc', rc, 'tensorflow imported:', 'tensorflow' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines() == ["rc 2 tensorflow imported: False"]  # no "preset:" line
+    assert _error_lines(result.stderr) == [
+        f"train.py: error: image folder '{tmp_path / 'missing'}' does not exist or is not a directory; "
+        "check --dataset folder:PATH"
+    ]

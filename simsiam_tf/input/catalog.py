@@ -132,6 +132,13 @@ def _scan_split(root: str) -> tuple[list[str], list[int] | None, list[str]]:
     return files, labels, classes
 
 
+def require_folder(path: str, flag: str = "--dataset folder:PATH") -> None:
+    """UsageError unless `path` is a directory: checked before anything is imported or
+    printed about the folder (train.py), and again when it is read."""
+    if not os.path.isdir(path):
+        raise UsageError(f"image folder {path!r} does not exist or is not a directory; check {flag}")
+
+
 def scan_folder(path: str, flag: str = "--dataset folder:PATH") -> FolderFiles:
     """PATH/train/<class>/* and PATH/test/<class>/* (test labels are train class
     indices), or PATH itself when it has no train folder.
@@ -141,8 +148,7 @@ def scan_folder(path: str, flag: str = "--dataset folder:PATH") -> FolderFiles:
     Raises:
         UsageError: a missing or empty folder, or test classes the train split lacks.
     """
-    if not os.path.isdir(path):
-        raise UsageError(f"image folder {path!r} does not exist or is not a directory; check {flag}")
+    require_folder(path, flag)
     root = train_root(path)
     files, labels, classes = _scan_split(root)
     if not files:
