@@ -34,7 +34,7 @@ def _version(text):
 def build_parser():
     p = Parser(prog="export.py", description=__doc__)
     p.add_argument("--run", required=True, help="run directory written by train.py")
-    p.add_argument("--export-dir", default=os.path.join("exports", "simsiam"), help="TF Serving model base path")
+    p.add_argument("--export-dir", default=os.path.join("exports", "simsiam"), help="TF Serving model base path (default: exports/simsiam)")
     p.add_argument("--version", type=_version, help="version number (default: the next integer)")
     p.add_argument("--output", default="features", choices=("features", "projection"),
                    help="embedding to serve: backbone features (default) or the projection z")

@@ -1,7 +1,7 @@
 """Nearest neighbours among served embeddings, and a contact sheet of them.
 
     python -m serving.client --folder photos --out photos.jsonl        # embed a folder once
-    python -m serving.similar --embeddings photos.jsonl --root photos \
+    python -m serving.similar --embeddings photos.jsonl --root photos \\
         --query cat.jpg dogs/ --k 8 --out sheet.png                     # files, folders, or names
     python -m serving.similar --embeddings train.jsonl --queries-from test.jsonl --precision-at 10
 

@@ -141,14 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="role", required=True)
     d = sub.add_parser("dispatcher", help="the coordinator: one per cluster")
-    d.add_argument("--port", type=int, default=5050)
+    d.add_argument("--port", type=int, default=5050, help="port to serve on (default 5050)")
     d.add_argument("--work-dir", required=True, help="journal directory (shared or local disk) for fault tolerance")
-    d.add_argument("--job-gc-timeout", type=float, default=600, help="seconds before a job nobody reads is dropped")
+    d.add_argument("--job-gc-timeout", type=float, default=600, help="seconds before a job nobody reads is dropped (default 600)")
     w = sub.add_parser("worker", help="runs input pipelines: as many as the trainers need")
     w.add_argument("--dispatcher", required=True, help="HOST:PORT of the dispatcher")
-    w.add_argument("--port", type=int, default=5051, help="port to serve on (0: any free port)")
+    w.add_argument("--port", type=int, default=5051, help="port to serve on (default 5051; 0: any free port)")
     w.add_argument("--worker-address", help="HOST:PORT the trainers reach this worker at (default: this host's name)")
-    w.add_argument("--wait", type=float, default=60, help="seconds to wait for the dispatcher at start")
+    w.add_argument("--wait", type=float, default=60, help="seconds to wait for the dispatcher at start (default 60)")
     return p
 
 
