@@ -137,9 +137,9 @@ class EmulatedHosts:
     def command(self, name: str, argv: list[str]) -> list[str]:
         return ["nsenter", f"--net=/proc/{self._holders[name].pid}/ns/net", "--", *argv]
 
-    def run(self, name: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    def run(self, name: str, *argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
         """A short command in the host's namespace (bounded by COMMAND_TIMEOUT_S)."""
-        result = subprocess.run(self.command(name, list(argv)), capture_output=True, text=True,
+        result = subprocess.run(self.command(name, list(argv)), input=input, capture_output=True, text=True,
                                 timeout=COMMAND_TIMEOUT_S, preexec_fn=_die_with_parent)
         if check and result.returncode != 0:
             raise RuntimeError(f"in {name}: {' '.join(argv)}: {result.stderr.strip() or result.returncode}")
@@ -193,8 +193,7 @@ class EmulatedHosts:
             "  }\n"
             "}\n"
         )
-        result = subprocess.run(self.command(name, ["nft", "-f", "-"]), input=rules, capture_output=True, text=True,
-                                timeout=COMMAND_TIMEOUT_S, preexec_fn=_die_with_parent)
+        result = self.run(name, "nft", "-f", "-", input=rules, check=False)
         if result.returncode:
             raise Unsupported(f"nft could not add the loss rule: {result.stderr.strip()}")
         self._nft_hosts.add(name)

@@ -47,7 +47,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, Parser, batch_size, nonnegative_float, nonnegative_int, photo_folder, positive_int, report  # noqa: E402
 
-WIRES = ("uint8", "snappy", "jpeg")
+from simsiam_tf.config import WIRES  # noqa: E402
+
 HOSTS = ["dispatcher", "worker1", "worker2", "trainer"]
 PORT = 5050
 SERVER_START_S = 120
@@ -116,6 +117,7 @@ def read_main(args) -> int:
         views, epochs, ids = (np.concatenate(part) for part in zip(*kept))
         np.savez(args.save, views=views, epochs=epochs, ids=ids)
     print(json.dumps({"pairs": pairs, "seconds": t[-1] - t[0], "pairs_per_s": 1 / seconds_per_pair,
+                      "bytes_received": rx[-1] - rx[0],  # exact per pair only when the stream was read to its end
                       "bytes_per_pair": bytes_per_pair, "trainer_cpu_ms_per_pair": cpu / pairs * 1e3}), flush=True)
     return 0
 
@@ -235,14 +237,32 @@ def read_in(hosts, target: str, dataset: str, job: str, *, wire: str, augment_on
     return json.loads(out.strip().splitlines()[-1])
 
 
-class _NoHosts:
-    can_delay = False
+def across_hosts(args, dataset: str, caps: list) -> tuple[list[dict], bool]:
+    """A row per cap, --augment-on and wire format, read across emulated hosts; and
+    whether the kernel could have added latency."""
+    from emulated_hosts import EmulatedHosts
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
+    rows = []
+    with EmulatedHosts(HOSTS) as hosts:
+        for cap in caps:
+            for name in HOSTS:
+                hosts.shape(name, rate_mbit=cap)
+            for augment_on in args.augment.split(","):
+                for wire in args.wires.split(","):
+                    cluster = Cluster(hosts, tempfile.mkdtemp(prefix="simsiam-wire-dispatcher-"))
+                    try:
+                        out = read_in(hosts, cluster.target, dataset, f"wire-{augment_on}-{wire}-{cap}", wire=wire,
+                                      augment_on=augment_on, size=args.size, batch=args.batch, batches=args.batches,
+                                      seconds=args.seconds, warmup=args.warmup)
+                    finally:
+                        cluster.stop()
+                    row = {"cap_mbit": cap or "unlimited", "augment_on": augment_on, "wire": wire,
+                           **{k: out[k] for k in ("pairs", "pairs_per_s", "bytes_per_pair", "trainer_cpu_ms_per_pair")}}
+                    rows.append(row)
+                    print(f"  {str(row['cap_mbit']):>9} Mbit/s  {augment_on:<6} {wire:<6} "
+                          f"{out['bytes_per_pair'] / 1e3:8.1f} KB/pair  {out['pairs_per_s']:6.1f} pairs/s  "
+                          f"trainer {out['trainer_cpu_ms_per_pair']:6.2f} ms CPU/pair", flush=True)
+        return rows, hosts.can_delay
 
 
 def main(argv=None) -> int:
@@ -263,7 +283,7 @@ def main(argv=None) -> int:
         args = p.parse_args(argv[1:])
         return read_main(args)
 
-    from emulated_hosts import EmulatedHosts, why_unsupported
+    from emulated_hosts import why_unsupported
 
     p = Parser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="64 photos at 64 px, one cap, few batches")
@@ -278,7 +298,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=nonnegative_float, default=20.0, help="measure at most this long per row (default 20)")
     p.add_argument("--warmup", type=nonnegative_int, default=2, help="batches read before measuring (default 2)")
     p.add_argument("--caps", default=None, help="comma-separated Mbit/s, 0 = unlimited (default 100,1000,0; --quick: 0)")
-    p.add_argument("--wires", default=",".join(WIRES))
+    p.add_argument("--wires", default=",".join(WIRES), help="wire formats to measure (default: all)")
     p.add_argument("--augment", default="host,device", help="--augment-on values to measure (default host,device)")
     p.add_argument("--cpu-only", action="store_true", help="only the CPU costs per pair, in process (no hosts)")
     args = p.parse_args(argv)
@@ -315,33 +335,14 @@ def main(argv=None) -> int:
             print(f"  CPU    {augment_on:<6} {wire:<6} worker +{cost['worker_ms_per_pair']:.3f} ms/pair  "
                   f"trainer +{cost['trainer_ms_per_pair']:.3f} ms/pair", flush=True)
 
-    rows, delay = [], False
-    with (EmulatedHosts(HOSTS) if not args.cpu_only else _NoHosts()) as hosts:
-        delay = hosts.can_delay
-        for cap in caps if not args.cpu_only else []:
-            for name in HOSTS:
-                hosts.shape(name, rate_mbit=cap)
-            for augment_on in args.augment.split(","):
-                for wire in args.wires.split(","):
-                    cluster = Cluster(hosts, tempfile.mkdtemp(prefix="simsiam-wire-dispatcher-"))
-                    try:
-                        out = read_in(hosts, cluster.target, dataset, f"wire-{augment_on}-{wire}-{cap}", wire=wire,
-                                      augment_on=augment_on, size=args.size, batch=args.batch, batches=args.batches,
-                                      seconds=args.seconds, warmup=args.warmup)
-                    finally:
-                        cluster.stop()
-                    row = {"cap_mbit": cap or "unlimited", "augment_on": augment_on, "wire": wire,
-                           **{k: out[k] for k in ("pairs", "pairs_per_s", "bytes_per_pair", "trainer_cpu_ms_per_pair")}}
-                    rows.append(row)
-                    print(f"  {str(row['cap_mbit']):>9} Mbit/s  {augment_on:<6} {wire:<6} "
-                          f"{out['bytes_per_pair'] / 1e3:8.1f} KB/pair  {out['pairs_per_s']:6.1f} pairs/s  "
-                          f"trainer {out['trainer_cpu_ms_per_pair']:6.2f} ms CPU/pair", flush=True)
+    rows, delay = ([], None) if args.cpu_only else across_hosts(args, dataset, caps)
+    latency = "none (--cpu-only)" if delay is None else "none (not asked)" if delay else "none: this kernel has no tc netem"
     report(
         "service_wire", rows,
         [("cap_mbit", "cap Mbit/s"), ("augment_on", "augment on"), ("wire", "wire"), ("pairs", "pairs"),
          ("bytes_per_pair", "bytes/pair"), ("pairs_per_s", "pairs/s"), ("trainer_cpu_ms_per_pair", "trainer ms CPU/pair")],
         {"photos": args.photos, "grain": args.grain, "image_size": args.size, "batch": args.batch, "uint8_bytes_per_pair": 2 * 3 * args.size ** 2,
-         "latency_added": "none: this kernel has no tc netem" if not delay else "none (not asked)",
+         "latency_added": latency,
          "jpeg_quality": JPEG_QUALITY, "dataset": dataset, "cpu_ms_per_pair": costs, "hosts": "network namespaces joined by veth pairs to a bridge (emulated_hosts.py)"},
     )
     return 0

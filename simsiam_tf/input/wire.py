@@ -13,15 +13,14 @@ whose bandwidth is a budget of its own (docs/multi_worker.md measures it):
   the trainer (`unpack`), after which the batch is in the batch format again. Lossy:
   a view differs from the uint8 one by the JPEG error (tests/test_wire.py bounds it).
 
-The format is the trainer's choice (`--data-service-wire`): it is part of the pipeline
-the trainer registers, so the workers need no flag.
+The format is the trainer's choice (`--data-service-wire`, its choices
+`config.WIRES`): it is part of the pipeline the trainer registers, so the workers need
+no flag.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
-
-from simsiam_tf.config import WIRES  # noqa: F401  (the choices, named where the flags are checked)
 
 JPEG_QUALITY = 90  # libjpeg's scale, 4:2:0 chroma
 
