@@ -26,7 +26,7 @@ from simsiam_tf import augment as aug
 from simsiam_tf import data_service
 from simsiam_tf import input as input_lib
 from simsiam_tf.config import make_config
-from simsiam_tf.input import decode, service
+from simsiam_tf.input import decode, service, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -105,24 +105,23 @@ def _read(inp, local_batch, epochs):
 
 
 def test_one_epoch_delivers_every_image_of_a_folder_exactly_once(cluster, tmp_path):
-    folder = _folder(tmp_path / "images", 1000)
+    # 1,024 images are 16 units of 64 (sources.FILES_PER_UNIT) and a batch of 32 divides
+    # a unit, so each worker's share of the stream is whole batches and nothing is
+    # dropped at its end: the test reads the whole stream, whatever the load. (With
+    # units that batches do not divide, each worker drops its last partial batch; a
+    # worker slowed by a busy CPU may still hold images of epoch 0 there, seen once in
+    # CI. Training never reads that far: the reserve epoch is there for that.)
+    assert sources.FILES_PER_UNIT % 32 == 0
+    folder = _folder(tmp_path / "images", 1024)
     inp = _service_input(folder, cluster.target, "exactly-once")
     seen = []
-    # Two epochs and the reserve: epoch 1 completes long before the stream's end, where
-    # each worker drops its last partial batch (training never reads that far).
-    for batch, epoch, ids in _read(inp, 50, epochs=2):
-        assert batch.dtype == tf.uint8 and batch.shape == (50, 2, 16, 16, 3)  # device mode: the crops
+    for batch, epoch, ids in _read(inp, 32, epochs=2):  # two epochs and the reserve
+        assert batch.dtype == tf.uint8 and batch.shape == (32, 2, 16, 16, 3)  # device mode: the crops
         seen += zip(epoch.numpy().tolist(), ids.numpy().tolist())
-        if sum(1 for e, _ in seen if e == 0) == 1000:
-            break  # else to the stream's end: a worker slowed by a busy CPU may hand over
-            # its last epoch-0 unit after 2,500 images (seen once in a loaded full run)
-    counts = Counter(seen)
-    assert max(counts.values()) == 1  # nothing twice
-    assert sorted(i for e, i in seen if e == 0) == list(range(1000))  # the whole epoch
-    # Then later epochs of this stream only: the run's second and the reserve (epoch 2).
-    # A worker slowed by a busy CPU can hand over its last epoch-0 unit after the
-    # other worker has reached the reserve (seen once in a full run beside training).
-    assert {e for e, _ in seen} <= {0, 1, 2}
+    assert max(Counter(seen).values()) == 1  # nothing twice
+    for e in (0, 1, 2):  # the run's two epochs and the reserve, each whole
+        assert sorted(i for k, i in seen if k == e) == list(range(1024)), f"epoch {e}"
+    assert len(seen) == 3 * 1024
 
 
 def test_a_worker_killed_mid_epoch_costs_only_its_images_and_they_are_counted(cluster, tmp_path):
