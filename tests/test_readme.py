@@ -12,8 +12,6 @@ import shlex
 import subprocess
 import sys
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1"}
