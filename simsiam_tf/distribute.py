@@ -75,8 +75,8 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> tuple
 
     bfloat16 where the hardware computes it natively: TPUs, GPUs of compute capability
     8.0 or newer (A100, H100, RTX 30xx and later), and CPUs with AVX512-BF16 or AMX.
-    On this project's 2-core CPU (AVX512-BF16) it trains the CIFAR ResNet-18 1.35x
-    faster, and whole digits runs end with the same kNN and linear probe within their
+    On a 2-core AMD EPYC, AVX512-BF16 (2026-11-28) it trained the CIFAR ResNet-18
+    1.35x faster, and whole digits runs end with the same kNN and linear probe within their
     run-to-run spread (docs/performance.md). float16 (with loss scaling) on GPUs of
     compute capability 7.x (V100, T4), whose tensor cores have float16 but not
     bfloat16. Elsewhere (older GPUs, CPUs without native bfloat16) float32, which
