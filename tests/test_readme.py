@@ -30,7 +30,7 @@ def shown_commands(text):
     example lines after a `$ ` prompt. Comments and `&&` chains are split off."""
     lines = []
     for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S):
-        lines += block.splitlines()
+        lines += re.sub(r"\\\n\s*", " ", block).splitlines()  # continued lines joined
     lines += [m.group(1) for m in re.finditer(r"^ {4}\$ (.*)$", text, flags=re.M)]
     commands = []
     for line in lines:
@@ -89,6 +89,19 @@ def command_problems(readme_text):
 def test_every_readme_command_uses_flags_its_program_has():
     missing = command_problems(_readme())
     assert not missing, "README commands with flags their program does not have:\n" + "\n".join(missing)
+
+
+DOCS = sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md")) + [
+    "serving/README.md"]
+
+
+def test_every_doc_command_uses_flags_its_program_has():
+    # The same check on every page the README links: a newcomer follows those too.
+    missing = []
+    for doc in DOCS:
+        with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+            missing += [f"{doc}: {m}" for m in command_problems(f.read())]
+    assert not missing, "doc commands with flags their program does not have:\n" + "\n".join(missing)
 
 
 def test_the_command_check_fails_on_a_flag_that_does_not_exist():
@@ -175,7 +188,5 @@ def test_readme_reads_in_five_minutes():
 
 def test_docs_name_no_path_of_the_development_machine():
     # A user has data/cifar10 (make_cifar10_folder.py), not this project's ../shared.
-    docs = ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(REPO, "docs"))
-                            if f.endswith(".md")] + ["serving/README.md"]
-    hits = [f"{d}: {m}" for d in docs for m in re.findall(r"\S*\.\./shared\S*|/work/\S+", _flat(d))]
+    hits = [f"{d}: {m}" for d in ["README.md"] + DOCS for m in re.findall(r"\S*\.\./shared\S*|/work/\S+", _flat(d))]
     assert not hits, hits
