@@ -25,9 +25,8 @@ import json
 import os
 import sys
 
-from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simsiam_tf import tf_quiet  # no TensorFlow: bad arguments fail at once
+from simsiam_tf.cli import Parser
 
 
 def _count(text):
@@ -87,12 +86,17 @@ def _data_config(args, source: dict):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from simsiam_tf.config import UsageError, write_json_atomic
+    from simsiam_tf.config import UsageError, load_config, write_json_atomic
 
     try:
         if args.run and not os.path.isdir(args.run):
             raise UsageError(f"--run {args.run!r} is not a directory")
-        from simsiam_tf import input as input_lib  # imports TensorFlow: only for a plausible command
+        if args.run:
+            load_config(os.path.join(args.run, "config.json"))  # a run directory, checked before TensorFlow
+        if args.saved_model and not os.path.isdir(args.saved_model):
+            raise UsageError(f"--saved-model {args.saved_model!r} is not a directory")
+        tf_quiet.import_tensorflow()  # only for a plausible command
+        from simsiam_tf import input as input_lib
         from simsiam_tf.diagnostics import evaluation
 
         if args.run:

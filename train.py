@@ -18,9 +18,8 @@ import os
 import sys
 import time
 
-from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simsiam_tf import tf_quiet  # no TensorFlow: bad arguments fail at once
+from simsiam_tf.cli import Parser
 
 
 def _positive_int(text):
@@ -289,7 +288,8 @@ def _main(argv, run) -> int:
         dataset = parse_dataset(config.dataset)
         if dataset.kind == "folder":  # a wrong path fails here, not after TensorFlow's import
             require_folder(dataset.location)
-        from simsiam_tf import training  # imports TensorFlow: only for a valid command
+        tf_quiet.import_tensorflow()  # only for a valid command
+        from simsiam_tf import training
 
         training.run(config, logdir, resume=resume)
     except UsageError as e:
