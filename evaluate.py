@@ -59,8 +59,9 @@ def build_parser():
     )
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     p.add_argument(
-        "--train-limit", type=_count, default=None,
-        help="a fixed random subset of N training images for the bank and the probe (0 = all; default: the run's own)",
+        "--train-limit", type=_count, default=None, metavar="N",
+        help="a fixed random subset of N images of the training split for the bank and the probe (0 = all; "
+        "default: the run's own). On the run's own dataset its validation part is held out of the N, as in train.py",
     )
     p.add_argument("--json", help="where to write the results (default: RUN/evaluation.json, or ./evaluation.json)")
     return p

@@ -123,7 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="TensorBoard projector files for up to N test images at the end of training (default 2000; 0 = off)",
     )
-    p.add_argument("--train-limit", type=_positive_int, help="train on a fixed random subset of N images (0 = all)")
+    p.add_argument(
+        "--train-limit",
+        type=_positive_int,
+        metavar="N",
+        help="use a fixed random subset of N images of the training split (0 = all). --val-fraction of them "
+        "(per class, rounded) is then held out for validation, unless the dataset has its own validation split, "
+        "so fewer than N train; the start line prints how many",
+    )
     p.add_argument(
         "--val-fraction",
         type=_number,
