@@ -132,8 +132,8 @@ def main(argv=None) -> int:
         return 2
     started = time.time()
     try:
-        tf_quiet.import_tensorflow()  # only for a command that parsed
-        found = _builder(args)
+        with tf_quiet.first_import():  # tensorflow-datasets imports TensorFlow only if it must prepare
+            found = _builder(args)
     except UsageError as e:
         print(f"make_cifar10_folder.py: error: {e}", file=sys.stderr)
         return 2
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     os.umask(umask)
     os.chmod(partial, 0o777 & ~umask)  # mkdtemp's 0700 would stay on DIR after the rename
     counts = {}
+    tf_quiet.import_tensorflow()  # _write_split's images pass through TensorFlow
     try:
         for folder, split in splits.items():
             if split is None:
