@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
-from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simsiam_tf import tf_quiet  # no TensorFlow: bad arguments fail at once
+from simsiam_tf.cli import Parser
 
 
 def build_parser():
@@ -36,7 +35,8 @@ def main(argv=None) -> int:
         from simsiam_tf.diagnostics import report
 
         labels = report.unique_labels(args.run)
-        runs = [report.load_run(path, label) for path, label in zip(args.run, labels)]
+        with tf_quiet.first_import():  # load_run imports TensorFlow once a run's files are checked
+            runs = [report.load_run(path, label) for path, label in zip(args.run, labels)]
         out = args.out or (os.path.join(args.run[0], "report") if len(runs) == 1 else "report")
         path = report.write_report(runs, out)
     except UsageError as e:

@@ -25,9 +25,8 @@ import json
 import os
 import sys
 
-from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simsiam_tf import tf_quiet  # no TensorFlow: bad arguments fail at once
+from simsiam_tf.cli import Parser
 
 
 def _count(text):
@@ -60,8 +59,9 @@ def build_parser():
     )
     p.add_argument("--data-dir", help="tensorflow-datasets data_dir")
     p.add_argument(
-        "--train-limit", type=_count, default=None,
-        help="a fixed random subset of N training images for the bank and the probe (0 = all; default: the run's own)",
+        "--train-limit", type=_count, default=None, metavar="N",
+        help="a fixed random subset of N images of the training split for the bank and the probe (0 = all; "
+        "default: the run's own). On the run's own dataset its validation part is held out of the N, as in train.py",
     )
     p.add_argument("--json", help="where to write the results (default: RUN/evaluation.json, or ./evaluation.json)")
     return p
@@ -87,12 +87,17 @@ def _data_config(args, source: dict):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from simsiam_tf.config import UsageError, write_json_atomic
+    from simsiam_tf.config import UsageError, load_config, write_json_atomic
 
     try:
         if args.run and not os.path.isdir(args.run):
             raise UsageError(f"--run {args.run!r} is not a directory")
-        from simsiam_tf import input as input_lib  # imports TensorFlow: only for a plausible command
+        if args.run:
+            load_config(os.path.join(args.run, "config.json"))  # a run directory, checked before TensorFlow
+        if args.saved_model and not os.path.isdir(args.saved_model):
+            raise UsageError(f"--saved-model {args.saved_model!r} is not a directory")
+        tf_quiet.import_tensorflow()  # only for a plausible command
+        from simsiam_tf import input as input_lib
         from simsiam_tf.diagnostics import evaluation
 
         if args.run:

@@ -16,9 +16,8 @@ import argparse
 import os
 import sys
 
-from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simsiam_tf import tf_quiet  # no TensorFlow: bad arguments fail at once
+from simsiam_tf.cli import Parser
 
 
 def _version(text):
@@ -51,9 +50,13 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from simsiam_tf.config import UsageError
+    from simsiam_tf.config import UsageError, load_config
 
     try:
+        if not os.path.isdir(args.run):
+            raise UsageError(f"--run {args.run!r} is not a directory")
+        load_config(os.path.join(args.run, "config.json"))  # a run directory, checked before TensorFlow
+        tf_quiet.import_tensorflow()
         from simsiam_tf import export
 
         config, model, source = export.load_run(args.run, args.checkpoint)

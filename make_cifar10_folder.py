@@ -32,9 +32,8 @@ import sys
 import tempfile
 import time
 
-from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simsiam_tf import tf_quiet  # no TensorFlow: bad arguments fail at once
+from simsiam_tf.cli import Parser
 
 QUALITY = 95
 
@@ -133,7 +132,8 @@ def main(argv=None) -> int:
         return 2
     started = time.time()
     try:
-        found = _builder(args)  # imports TensorFlow: only for a command that parsed
+        with tf_quiet.first_import():  # tensorflow-datasets imports TensorFlow only if it must prepare
+            found = _builder(args)
     except UsageError as e:
         print(f"make_cifar10_folder.py: error: {e}", file=sys.stderr)
         return 2
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     os.umask(umask)
     os.chmod(partial, 0o777 & ~umask)  # mkdtemp's 0700 would stay on DIR after the rename
     counts = {}
+    tf_quiet.import_tensorflow()  # _write_split's images pass through TensorFlow
     try:
         for folder, split in splits.items():
             if split is None:

@@ -19,9 +19,8 @@ import os
 import sys
 import time
 
-from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simsiam_tf import tf_quiet  # no TensorFlow: bad arguments fail at once
+from simsiam_tf.cli import Parser
 
 
 def _int_at_least(low, high=None):
@@ -82,10 +81,13 @@ class _Progress:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from simsiam_tf.config import UsageError
+    from simsiam_tf.input.catalog import require_folder
 
     started = time.time()
     try:
-        from simsiam_tf.input import records  # imports TensorFlow: only for a command that parsed
+        require_folder(args.src, flag="--src")  # before TensorFlow
+        tf_quiet.import_tensorflow()  # only for a command that parsed
+        from simsiam_tf.input import records
 
         index = records.write_records(
             args.src, args.out, shards=args.shards, max_side=args.max_side, seed=args.seed,

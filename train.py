@@ -18,9 +18,8 @@ import os
 import sys
 import time
 
-from simsiam_tf.cli import Parser  # no TensorFlow: bad arguments fail at once
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simsiam_tf import tf_quiet  # no TensorFlow: bad arguments fail at once
+from simsiam_tf.cli import Parser
 
 
 def _positive_int(text):
@@ -124,7 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="TensorBoard projector files for up to N test images at the end of training (default 2000; 0 = off)",
     )
-    p.add_argument("--train-limit", type=_positive_int, help="train on a fixed random subset of N images (0 = all)")
+    p.add_argument(
+        "--train-limit",
+        type=_positive_int,
+        metavar="N",
+        help="use a fixed random subset of N images of the training split (0 = all). --val-fraction of them "
+        "(per class, rounded) is then held out for validation, unless the dataset has its own validation split, "
+        "so fewer than N train; the start line prints how many",
+    )
     p.add_argument(
         "--val-fraction",
         type=_number,
@@ -289,7 +295,8 @@ def _main(argv, run) -> int:
         dataset = parse_dataset(config.dataset)
         if dataset.kind == "folder":  # a wrong path fails here, not after TensorFlow's import
             require_folder(dataset.location)
-        from simsiam_tf import training  # imports TensorFlow: only for a valid command
+        tf_quiet.import_tensorflow()  # only for a valid command
+        from simsiam_tf import training
 
         training.run(config, logdir, resume=resume)
     except UsageError as e:

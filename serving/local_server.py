@@ -33,13 +33,13 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 if __package__ in (None, ""):  # run as a script: make `serving` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from serving import rest_api  # noqa: E402
 from serving.rest_api import RequestError, TensorInfo  # noqa: E402
+from simsiam_tf import tf_quiet  # noqa: E402  (no TensorFlow: bad arguments fail at once)
+from simsiam_tf.cli import Parser  # noqa: E402
 
 _VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() accepts "١"
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<tail>:predict|/metadata)?$")
@@ -339,7 +339,7 @@ def running(model_name, model_base_path, **options):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="local_server.py", description="Local stand-in for TF Serving's REST API.")
+    p = Parser(prog="local_server.py", description="Local stand-in for TF Serving's REST API.")
     p.add_argument("--model_name", default="default", help="TF Serving's --model_name")
     p.add_argument("--model_base_path", required=True, help="TF Serving's --model_base_path: holds 1/, 2/, ...")
     p.add_argument("--rest_api_port", type=int, default=8501, help="TF Serving's --rest_api_port (0 picks a free port)")
@@ -356,6 +356,7 @@ def main(argv=None) -> int:
     if not 0 <= args.rest_api_port < 65536 or args.rest_api_num_threads < 1:
         print("local_server.py: error: --rest_api_port must be 0-65535 and --rest_api_num_threads >= 1", file=sys.stderr)
         return 2
+    tf_quiet.import_tensorflow()
     try:
         server, manager = serve(
             args.model_name, args.model_base_path, args.rest_api_port, args.host,

@@ -23,6 +23,9 @@ import sys
 import threading
 import time
 
+from simsiam_tf import tf_quiet
+from simsiam_tf.cli import Parser
+
 EXIT_DISPATCHER_LOST = 75  # EX_TEMPFAIL: a scheduler may retry the same command
 HEARTBEAT_MS = 2000  # workers' heartbeats to the dispatcher
 
@@ -132,9 +135,23 @@ def worker_main(args) -> int:
     )
 
 
+def check_args(args) -> None:
+    """UsageError for a --dispatcher that is no HOST:PORT or a --work-dir that cannot be one."""
+    from simsiam_tf.config import UsageError
+
+    if args.role == "worker":
+        try:
+            split_target(args.dispatcher)
+        except UsageError:  # its message names train.py's --data-service
+            raise UsageError(f"--dispatcher {args.dispatcher!r}: expected HOST:PORT, e.g. dispatcher-host:5050")
+    elif os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
+        raise UsageError(f"--work-dir {args.work_dir!r} is a file, not a directory; pass a directory for the journal")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m simsiam_tf.data_service",
+        formatter_class=argparse.HelpFormatter,  # the description is one paragraph: wrap it
         description="tf.data service servers for train.py --data-service (docs/multi_worker.md). "
         "Restarting either with the same command line is safe: the dispatcher recovers its jobs "
         "from --work-dir, and a worker simply registers again.",
@@ -153,11 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     from simsiam_tf.config import UsageError
 
     try:
+        check_args(args)  # before TensorFlow: a bad address or --work-dir fails at once
+        tf_quiet.import_tensorflow()
         return dispatcher_main(args) if args.role == "dispatcher" else worker_main(args)
     except UsageError as e:
         print(f"data_service {args.role}: error: {e}", file=sys.stderr)

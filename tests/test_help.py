@@ -18,6 +18,11 @@ def _help(*command):
     (["-m", "simsiam_tf.data_service", "dispatcher"], "--port PORT port to serve on (default 5050)"),
     (["-m", "simsiam_tf.data_service", "worker"], "--port PORT port to serve on (default 5051; 0: any free port)"),
     (["-m", "simsiam_tf.data_service", "worker"], "seconds to wait for the dispatcher at start (default 60)"),
+    # N is taken first and the validation split comes out of it: fewer than N train.
+    (["train.py"], "--train-limit N use a fixed random subset of N images of the training split (0 = all). "
+                   "--val-fraction of them (per class, rounded) is then held out for validation"),
+    (["train.py"], "so fewer than N train; the start line prints how many"),
+    (["evaluate.py"], "On the run's own dataset its validation part is held out of the N"),
 ])
 def test_help_names_the_defaults(command, shown):
     assert shown in _help(*command)
