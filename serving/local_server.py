@@ -23,7 +23,6 @@ no versions, such as a version directory itself (`base_path_problem`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.server
 import json
