@@ -2,7 +2,7 @@
 
     python evaluate.py --run runs/20261128-034500                  # the checkpoint chosen on validation
     python evaluate.py --saved-model exports/simsiam/1             # exactly what is served, on its run's dataset
-    python evaluate.py --saved-model exports/simsiam/1 --dataset folder:../shared/datasets/cifar10
+    python evaluate.py --saved-model exports/simsiam/1 --dataset folder:data/cifar10
 
 kNN and the linear probe are scored on the test split. With --run, which checkpoint is
 printed: "val-selected" (chosen by kNN on the run's validation split, never on the test

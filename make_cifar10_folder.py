@@ -1,6 +1,6 @@
 """Write CIFAR-10 (or another labelled TFDS image dataset) as the image folder train.py reads.
 
-    python make_cifar10_folder.py --out ../shared/datasets/cifar10   # where the docs' commands look
+    python make_cifar10_folder.py --out data/cifar10                 # where the docs' commands look
     python make_cifar10_folder.py --out data/cifar10 --data-dir ~/tensorflow_datasets
     python make_cifar10_folder.py --out data/cifar10-small --limit 1000
     python train.py --dataset folder:data/cifar10
@@ -11,8 +11,8 @@ automobile, ...). tensorflow-datasets downloads and prepares the dataset into --
 (default: its own, ~/tensorflow_datasets) when it is not prepared there; offline, copy
 a folder made on a connected machine, or pass a --data-dir prepared elsewhere.
 
-Images are JPEG at quality 95: the layout the docs, the shared folder and
-`--dataset folder:PATH`'s messages name is *.jpg, and training then decodes only the
+Images are JPEG at quality 95: the layout the docs and `--dataset folder:PATH`'s
+messages name is *.jpg, and training then decodes only the
 crop box of each image (`tf.io.decode_and_crop_jpeg`) as it does on any folder. CIFAR
 is stored losslessly; quality 95 moved a pixel by 2 levels of 255 on average (100 CIFAR-10
 images, 1.2 KB each against 2.3 KB as PNG), far less than the augmentation's colour jitter.

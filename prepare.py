@@ -1,6 +1,6 @@
 """Write an image folder into TFRecord shards plus an index, for streaming training.
 
-    python prepare.py --src ../shared/datasets/cifar10 --out data/cifar10-records
+    python prepare.py --src data/cifar10 --out data/cifar10-records
     python prepare.py --src photos/ --out data/photos --max-side 512 --quality 90
 
 --src has train.py's folder:PATH layout: PATH/train/<class>/* and optional

@@ -1,7 +1,7 @@
 """Train SimSiam.
 
     python train.py                                    # offline digits, < 10 min on 2 cores
-    python train.py --dataset folder:../shared/datasets/cifar10 --strategy mirrored
+    python train.py --dataset folder:data/cifar10 --strategy mirrored
     python train.py --dataset cifar10 --data-dir ~/tensorflow_datasets
     python prepare.py --src PHOTOS --out shards && python train.py --dataset tfrecord:shards --preset imagenet
     python train.py --resume runs/20261128-034500      # continue a killed run
