@@ -51,10 +51,10 @@ def test_server_binds_loopback_by_default(tmp_path):
 
 
 def test_model_name_and_version_never_reach_the_filesystem(tmp_path):
-    from serving import local_server
+    from serving import servables
     from serving.rest_api import RequestError
 
-    manager = local_server.ModelManager("m", str(tmp_path))
+    manager = servables.ModelManager("m", str(tmp_path))
     for name, version in [("../etc", None), ("m", "../../1"), ("m", "1/../../x"), ("m", "-1"), ("m", "١")]:
         with pytest.raises(RequestError) as info:
             manager.get(name, version)
