@@ -203,6 +203,14 @@ def test_paths_outside_v1_get_404_and_api_paths_are_case_insensitive(url, export
     assert status == 200 and "model_version_status" in out
 
 
+def test_cors_preflight_needs_an_origin(url):
+    # http_server.cc answers OPTIONS itself, before routing, with an empty body.
+    req = urllib.request.Request(url + "/v1/models/m:predict", method="OPTIONS", headers={"Origin": "https://a.example"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200 and r.read() == b""
+    assert _call(url + "/v1/models/m:predict", "OPTIONS") == (400, None)
+
+
 def test_version_labels_are_unknown_labels(url):
     status, out = _call(url + "/v1/models/m/labels/stable:predict", "POST", {"instances": ["a"]})
     assert status == 400 and out["error"] == "Unrecognized servable version label: stable"
