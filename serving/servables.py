@@ -2,6 +2,13 @@
 TensorFlow, the newest kept loaded, and what TF Serving's status and metadata calls say
 about them. Transport-neutral: the REST server (serving/rest_server.py) answers HTTP
 from it. Errors are `RequestError`s carrying TF Serving's HTTP code.
+
+Versions follow TF Serving's file-system source and latest policy: every child of the
+base path named by an integer is a version (file_system_storage_path_source.cc), only
+the newest is loaded, and a failed load leaves the version served before in place
+(availability_preserving_policy.cc). The status lists every version the manager has
+tracked, newest first, with its state and error (get_model_status_impl.cc,
+servable_state_monitor.h).
 """
 
 from __future__ import annotations
@@ -13,7 +20,37 @@ import threading
 
 from serving.rest_api import RequestError, TensorInfo
 
-VERSION = re.compile(r"[0-9]{1,18}")  # ASCII digits only: str.isdigit() accepts "١"
+VERSION = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() accepts "١"
+INT64_MAX = (1 << 63) - 1
+
+# tensorflow.error.Code names, as TF Serving's status JSON prints them.
+ERROR_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+               "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+               "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+
+
+class LoadError(Exception):
+    """A version that cannot be loaded; `code` is a tensorflow.error.Code name."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN"):
+        super().__init__(message)
+        self.code = code
+
+
+def parse_version(version) -> int | None:
+    """A version from a request (str or int; None for the newest) as an int.
+
+    Raises RequestError 400 for anything but ASCII digits within int64, as TF Serving's
+    URL pattern and its numeric conversion do (http_rest_api_util.cc).
+    """
+    if version is None:
+        return None
+    text = str(version)
+    if not VERSION.fullmatch(text):
+        raise RequestError(f"Invalid version '{text[:20]}': versions are integers", 400)
+    if int(text) > INT64_MAX:
+        raise RequestError(f"Failed to convert version: {text[:30]} to numeric; versions fit in int64", 400)
+    return int(text)
 
 
 class ServableVersion:
@@ -24,6 +61,9 @@ class ServableVersion:
 
         self.version = version
         self.path = path
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
+            raise LoadError(f"no SavedModel (saved_model.pb or saved_model.pbtxt) in the version directory {path}",
+                            "NOT_FOUND")
         self._loaded = tf.saved_model.load(path)
         self.functions = {
             name: fn for name, fn in self._loaded.signatures.items() if not name.startswith("__")
@@ -62,58 +102,97 @@ def _tf_error_text(message: str) -> str:
 
 
 def _signature_defs(path: str) -> dict:
-    """The SignatureDefMap of a SavedModel as TF Serving's metadata JSON writes it."""
+    """The SignatureDefMap of a SavedModel as TF Serving's metadata JSON writes it.
+
+    Every signature, `__saved_model_init_op` included (get_model_metadata_impl.cc copies
+    the whole map), and fields at their default values printed (http_rest_api_util.cc
+    prints with always_print_fields_with_no_presence and proto field names).
+    """
     from google.protobuf import json_format
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()
     with open(os.path.join(path, "saved_model.pb"), "rb") as f:
         saved.ParseFromString(f.read())
-    defs = {}
-    for name, sig in saved.meta_graphs[0].signature_def.items():
-        if not name.startswith("__"):
-            defs[name] = json_format.MessageToDict(sig, preserving_proto_field_name=True)
-    return defs
+    return {
+        name: json_format.MessageToDict(sig, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        for name, sig in saved.meta_graphs[0].signature_def.items()
+    }
+
+
+def _load_error(e: Exception) -> tuple[str, str]:
+    """(tensorflow.error.Code name, one-line message) for an exception raised by a load."""
+    if isinstance(e, LoadError):
+        return e.code, str(e)
+    code = getattr(e, "error_code", None)  # tf.errors.OpError
+    if isinstance(code, int) and 0 < code < len(ERROR_CODES):
+        name = ERROR_CODES[code]
+    elif isinstance(e, FileNotFoundError):
+        name = "NOT_FOUND"
+    elif isinstance(e, PermissionError):
+        name = "PERMISSION_DENIED"
+    else:
+        name = "UNKNOWN"
+    message = " ".join(str(getattr(e, "message", None) or e).split())
+    return name, (message or type(e).__name__)[:1000]
 
 
 class ModelManager:
-    """Finds versions under the base path and keeps the newest one loaded."""
+    """Finds versions under the base path, keeps the newest one loaded, and tracks the
+    state of every version it has tried (TF Serving's servable state monitor)."""
 
     def __init__(self, name: str, base_path: str, poll_seconds: float = 1.0):
         self.name = name
         self.base_path = base_path
         self.poll_seconds = poll_seconds
         self._current: ServableVersion | None = None
-        self._failed: dict[int, str] = {}
+        # version -> (state, error code name, error message); states are TF Serving's
+        # ModelVersionStatus.State names.
+        self._states: dict[int, tuple[str, str, str]] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
 
     def available_versions(self) -> list[int]:
+        """Every child of the base path named by an integer, file or directory, with or
+        without a SavedModel: TF Serving aspires it and reports a failed load."""
         try:
             entries = os.listdir(self.base_path)
         except OSError:
             return []
-        return sorted(
-            int(d) for d in entries
-            if VERSION.fullmatch(d) and os.path.isfile(os.path.join(self.base_path, d, "saved_model.pb"))
-        )
+        return sorted(int(d) for d in entries if VERSION.fullmatch(d) and int(d) <= INT64_MAX)
+
+    def _set_state(self, version: int, state: str, code: str = "OK", message: str = "") -> None:
+        with self._lock:
+            self._states[version] = (state, code, message)
 
     def poll(self) -> None:
-        """Load the newest version if it is newer than the served one."""
-        versions = [v for v in self.available_versions() if v not in self._failed]
+        """Load the newest version if it is newer than the served one and not tried yet.
+
+        Only the newest is tried (latest policy, one version). If it fails, it is
+        reported as END with its error and the version served before stays (TF Serving
+        keeps an available version until an aspired one is ready). A failed version is
+        not retried.
+        """
+        versions = self.available_versions()
         if not versions:
             return
         newest = versions[-1]
         current = self._current
-        if current is not None and current.version >= newest:
+        if (current is not None and current.version >= newest) or newest in self._states:
             return
+        self._set_state(newest, "LOADING")
         try:
             loaded = ServableVersion(newest, os.path.join(self.base_path, str(newest)))
         except Exception as e:  # a damaged version must not take the server down
-            self._failed[newest] = str(e)[:300]
-            print(f"failed to load version {newest}: {self._failed[newest]}", file=sys.stderr, flush=True)
+            code, message = _load_error(e)
+            self._set_state(newest, "END", code, message)
+            print(f"failed to load version {newest}: {message[:300]}", file=sys.stderr, flush=True)
             return
         self._current = loaded  # one reference swap: a request sees the old or the new version
+        self._set_state(newest, "AVAILABLE")
+        if current is not None:
+            self._set_state(current.version, "END")  # unloaded cleanly: END with OK
         print(f"serving {self.name} version {newest}", file=sys.stderr, flush=True)
 
     def start(self) -> None:
@@ -129,25 +208,43 @@ class ModelManager:
     def stop(self) -> None:
         self._stop.set()
 
-    def get(self, name: str, version: str | None) -> ServableVersion:
+    def get(self, name: str, version: str | int | None) -> ServableVersion:
+        """The servable for a request: the newest loaded one, or that exact version.
+
+        Raises RequestError 404 when it is not loaded, 400 for a malformed version.
+        """
+        wanted = parse_version(version)
         if name != self.name:
             raise RequestError(f"Servable not found for request: Latest({name})", 404)
         current = self._current
-        if version is None:
+        if wanted is None:
             if current is None:
                 raise RequestError(f"Servable not found for request: Latest({name})", 404)
             return current
-        if not VERSION.fullmatch(version):
-            raise RequestError(f"Invalid version '{version[:20]}': versions are integers", 400)
-        if current is None or current.version != int(version):
-            raise RequestError(f"Servable not found for request: Specific({name}, {int(version)})", 404)
+        if current is None or current.version != wanted:
+            raise RequestError(f"Servable not found for request: Specific({name}, {wanted})", 404)
         return current
 
-    def status(self, name: str, version: str | None) -> dict:
-        servable = self.get(name, version)
+    def status(self, name: str, version: str | int | None) -> dict:
+        """TF Serving's GetModelStatusResponse as its REST JSON (get_model_status_impl.cc).
+
+        Without a version: every version tracked, newest first, including failed loads
+        (END with their error) and versions unloaded after a newer one (END, OK). With a
+        version: that one, whatever its state. 404 when none is known.
+        """
+        wanted = parse_version(version)
+        with self._lock:
+            states = dict(self._states) if name == self.name else {}
+        if wanted is not None:
+            if wanted not in states:
+                raise RequestError(f"Could not find version {wanted} of model {name}", 404)
+            states = {wanted: states[wanted]}
+        elif not states:
+            raise RequestError(f"Could not find any versions of model {name}", 404)
         return {
             "model_version_status": [
-                {"version": str(servable.version), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+                {"version": str(v), "state": state, "status": {"error_code": code, "error_message": message}}
+                for v, (state, code, message) in sorted(states.items(), reverse=True)
             ]
         }
 

@@ -56,6 +56,7 @@ def test_model_name_and_version_never_reach_the_filesystem(tmp_path):
 
     manager = servables.ModelManager("m", str(tmp_path))
     for name, version in [("../etc", None), ("m", "../../1"), ("m", "1/../../x"), ("m", "-1"), ("m", "١")]:
-        with pytest.raises(RequestError) as info:
-            manager.get(name, version)
-        assert info.value.status in (400, 404)
+        for call in (manager.get, manager.status):
+            with pytest.raises(RequestError) as info:
+                call(name, version)
+            assert info.value.status in (400, 404)

@@ -84,9 +84,27 @@ def test_random_base64_strings(text):
     _check(json.dumps({"instances": [{"b64": text}]}).encode())
 
 
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_value)
+def test_the_lenient_json_scanner_reads_json_as_the_fast_one_does(value):
+    # parse_json falls back to a pure-Python scanner for TF Serving's Inf, -Inf and
+    # -NaN spellings; on JSON both read, it must agree with Python's own scanner.
+    text = json.dumps({"v": value})
+    # repr, not ==: 1 == 1.0, but an int read as a float would change the dtype check.
+    assert repr(rest_api._LENIENT.raw_decode(text, 0)) == repr(rest_api._DECODER.raw_decode(text, 0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["Inf", "-Inf", "NaN", "-NaN", "Infinity", "1", "-", "[", "]", "{", "}", ",", ":",
+                                 '"v"', " ", "e5", ".5", "In", "N"]), max_size=30))
+def test_random_text_with_nan_and_inf_tokens(tokens):
+    _check(("{\"v\": " + "".join(tokens)).encode())
+
+
 def test_deep_nesting_huge_numbers_and_wrong_types():
     cases = [
         b"[" * 100_000 + b"]" * 100_000,
+        b'{"v": ' + b"[" * 100_000 + b"Inf" + b"]" * 100_000 + b"}",  # deep, through the pure-Python fallback
         json.dumps({"instances": [[[[[[[[[[[1]]]]]]]]]]], "signature_name": "serving_pixels"}).encode(),
         json.dumps({"signature_name": "serving_pixels", "instances": [[[[10**400 // 10**380, 0, 0]]]]}).encode(),
         b'{"signature_name": "serving_pixels", "instances": [[[[1e999, 0, 0]]]]}',
