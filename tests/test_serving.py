@@ -107,7 +107,7 @@ def test_version_path_status_and_metadata(server):
     assert status == 200 and meta["model_spec"] == {"name": "simsiam", "signature_name": "", "version": "1"}
     sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
     assert sig["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
-    assert sig["outputs"]["embedding"]["tensor_shape"]["dim"] == [{"size": "-1"}, {"size": "64"}]
+    assert sig["outputs"]["embedding"]["tensor_shape"]["dim"] == [{"size": "-1", "name": ""}, {"size": "64", "name": ""}]
     assert sig["method_name"] == "tensorflow/serving/predict"
 
 
@@ -125,7 +125,6 @@ def test_version_path_status_and_metadata(server):
         ({"signature_name": "serving_pixels", "instances": [[[["a", 2, 3]]]]}, 400, "must hold uint8 numbers"),
         ({"instances": [123]}, 400, "must be a string or {\"b64\": ...}"),
         ({"signature_name": "serving_pixels", "instances": [[[[1, 2, 3]]], [[[1, 2, 3], [4, 5, 6]]]]}, 400, "ragged"),
-        ({"something": 1}, 400, "Unexpected key(s) ['something']"),
         ({}, 400, "Missing 'instances' or 'inputs'"),
     ],
 )
@@ -159,10 +158,10 @@ def test_new_version_is_served_without_restart(server):
     deadline = time.time() + 30
     while time.time() < deadline:
         status, out = _call(server["url"] + "/v1/models/simsiam")
-        if out["model_version_status"][0]["version"] == "2":
+        if out["model_version_status"][0]["version"] == "2" and out["model_version_status"][0]["state"] == "AVAILABLE":
             break
         time.sleep(0.1)
-    assert out["model_version_status"][0]["version"] == "2"
+    assert out["model_version_status"][0]["version"] == "2" and out["model_version_status"][0]["state"] == "AVAILABLE"
     assert _predict(server, {"instances": [{"b64": B64[0]}]})[0] == 200
     assert _predict(server, {"instances": [{"b64": B64[0]}]}, version=1)[0] == 404  # latest policy
 
