@@ -17,6 +17,9 @@ split_cpu(2)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR = os.path.join(os.path.dirname(REPO), "shared", "datasets", "cifar10")
+# The benchmarks read data/cifar10 unless SIMSIAM_CIFAR10 names another folder
+# (benchmarks/common.py); the tests, and the benchmarks they start, read the shared one.
+os.environ.setdefault("SIMSIAM_CIFAR10", CIFAR)
 
 
 @pytest.fixture(scope="session")
