@@ -51,15 +51,12 @@ def python():
     return sys.executable
 
 
-# The files that take longest, longest first (estimated from `--durations` of full runs
-# under two workers, seconds: test_benchmarks ~260, test_reliability ~200, test_data_service
-# ~200, test_emulated_hosts ~190 where it runs, test_learning ~165, test_train_cli ~160,
-# test_collapse ~150, test_gpu_check ~150, test_stream_training ~125, the rest ~100 or less).
-# pytest-xdist's --dist loadfile hands whole files to the two workers in collection
-# order (pytest.ini's --no-loadscope-reorder: by default xdist 3.x orders files by their
-# number of tests instead, which put the learning, collapse and SimCLR runs last, one
-# worker running them alone). Starting the long ones first lets both workers finish
-# together. A file is a unit, so no file should take much more than a fifth of the run.
+# The files that take longest, longest first, as `--durations` of full runs ranks them
+# (summed per file). pytest-xdist's --dist loadfile hands whole files to the two workers
+# in collection order, given pytest.ini's --no-loadscope-reorder: by default xdist 3.x
+# orders files by their number of tests instead, which put the learning, collapse and
+# SimCLR runs last, one worker running them alone. Starting the long ones first lets
+# both workers finish together; no file should take much more than a fifth of the run.
 LONGEST_FIRST = (
     "test_benchmarks.py", "test_reliability.py", "test_data_service.py", "test_emulated_hosts.py",
     "test_learning.py", "test_train_cli.py", "test_collapse.py", "test_gpu_check.py", "test_stream_training.py",
