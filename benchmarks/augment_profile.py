@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, Parser, photo_folder, report  # noqa: E402
+from common import cifar_folder, Parser, photo_folder, report  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -65,9 +65,7 @@ def main(argv=None) -> int:
     p = Parser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     args = p.parse_args(argv)
-    if not os.path.isdir(CIFAR):
-        print(f"augment_profile.py: error: CIFAR-10 folder not found at {CIFAR}", file=sys.stderr)
-        return 2
+    cifar_folder()  # a missing folder: one line naming how to make it, exit 2
     repeats = 1 if args.quick else 4
     none = dict(flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
     recipe = aug.AugmentSpec.for_image_size(SIZE)

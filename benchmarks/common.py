@@ -15,7 +15,12 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR = os.path.join(os.path.dirname(REPO), "shared", "datasets", "cifar10")
+# The CIFAR-10 folder (train|test/<class>/*.jpg) the benchmarks read: data/cifar10 in the
+# repository, as `python make_cifar10_folder.py --out data/cifar10` writes it, or the
+# folder the environment variable SIMSIAM_CIFAR10 names. `cifar_folder()` checks it.
+CIFAR_VARIABLE = "SIMSIAM_CIFAR10"
+CIFAR = os.environ.get(CIFAR_VARIABLE) or os.path.join(REPO, "data", "cifar10")
+MAKE_CIFAR = "python make_cifar10_folder.py --out data/cifar10"
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -56,6 +61,25 @@ def nonnegative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
+
+
+def missing_cifar(folder: str = CIFAR) -> str | None:
+    """Why `folder` is no CIFAR-10 folder (one line naming how to make one), or None."""
+    if os.path.isdir(os.path.join(folder, "train")):
+        return None
+    shown = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else folder
+    named = f" (${CIFAR_VARIABLE})" if os.environ.get(CIFAR_VARIABLE) and folder == CIFAR else ""
+    return (f"no CIFAR-10 folder at {shown}{named}: make it with `{MAKE_CIFAR}` (run in the repository), "
+            f"or set {CIFAR_VARIABLE} to a folder train|test/<class>/*.jpg")
+
+
+def cifar_folder() -> str:
+    """CIFAR, checked: a missing folder ends the script with one line and exit 2."""
+    why = missing_cifar()
+    if why:
+        print(f"{os.path.basename(sys.argv[0]) or 'benchmark'}: error: {why}", file=sys.stderr)
+        raise SystemExit(2)
+    return CIFAR
 
 
 def existing_dir(text: str) -> str:
@@ -139,14 +163,15 @@ def photo_folder(count: int, grain: float = 0.0) -> str:
     done = os.path.join(root, ".complete")
     if os.path.exists(done):
         return root
-    classes = sorted(os.listdir(os.path.join(CIFAR, "train")))
+    cifar = cifar_folder()
+    classes = sorted(os.listdir(os.path.join(cifar, "train")))
     jobs = []
     for split, n in (("train", count), ("test", max(len(classes), count // 4))):
         per_class = -(-n // len(classes))
         for c in classes:
             os.makedirs(os.path.join(root, split, c), exist_ok=True)
-            for name in sorted(os.listdir(os.path.join(CIFAR, split, c)))[:per_class]:
-                jobs.append((os.path.join(CIFAR, split, c, name), os.path.join(root, split, c, name)))
+            for name in sorted(os.listdir(os.path.join(cifar, split, c)))[:per_class]:
+                jobs.append((os.path.join(cifar, split, c, name), os.path.join(root, split, c, name)))
 
     def convert(src, dst):
         image = tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(src), channels=3), PHOTO_SIZE, method="bicubic")

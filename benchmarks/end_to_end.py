@@ -7,7 +7,8 @@
     python benchmarks/end_to_end.py --photos 2048 --backbone resnet50 --width 8   # 224 px photos, streamed
 
 Runs `simsiam_tf.training.run` (what train.py runs) on a fixed subset of
-../shared/datasets/cifar10, kNN and diagnostics off, and records the time of every
+data/cifar10 (`python make_cifar10_folder.py --out data/cifar10`, or the folder
+$SIMSIAM_CIFAR10 names), kNN and diagnostics off, and records the time of every
 step and the process RSS at every epoch end. Then, in the same process, the same model
 trains the same number of steps on one constant batch already in memory (random uint8
 views in the batch format, [B, 2, S, S, 3]): no input pipeline at all. The input wait is the fraction of the real step time that the
@@ -22,7 +23,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, Parser, batch_size, nonnegative_int, photo_folder, positive_int, report  # noqa: E402
+from common import cifar_folder, Parser, batch_size, nonnegative_int, photo_folder, positive_int, report  # noqa: E402
 from step_clock import StepClock, rss_mb  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -49,10 +50,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.steps, args.batch = 2, 4, 128
-    if not os.path.isdir(CIFAR):
-        print(f"end_to_end.py: error: CIFAR-10 folder not found at {CIFAR}", file=sys.stderr)
-        return 2
-    dataset, size, limit = f"folder:{CIFAR}", 32, args.steps * args.batch
+    cifar = cifar_folder()  # a missing folder: one line naming how to make it, exit 2
+    dataset, size, limit = f"folder:{cifar}", 32, args.steps * args.batch
     if args.photos:
         dataset, size, args.input = f"folder:{photo_folder(args.photos)}", 224, "stream"
     config = make_config(

@@ -7,7 +7,8 @@
 Rows, in the order they run (docs/gpu.md, "Measuring a GPU", says how to read them):
 - device: the first GPU TensorFlow sees (name, compute capability, total memory from
   nvidia-smi), or without one the CPU model and MemTotal;
-- pytorch step: ../shared/peers/torch_simsiam.py --step-bench (CIFAR ResNet-18, 32 px,
+- pytorch step: the PyTorch SimSiam the project compares with (../shared/peers/torch_simsiam.py
+  beside the repository, --step-bench; CIFAR ResNet-18, 32 px,
   random tensors, channels_last, autocast for bfloat16) in its own process, run first,
   before TensorFlow builds a model on the GPU; with this Python if it imports torch,
   else with $SIMSIAM_TORCH_PYTHON, else skipped with the reason (benchmarks/train_step.py's
@@ -32,7 +33,7 @@ process's peak RSS (VmHWM after `echo 5 > /proc/self/clear_refs`).
 
 The photos are made once in the system's temp dir (smooth random colour fields with
 grain, JPEG quality 90, about 90 KB each, ImageNet's typical size): nothing but this
-repository is needed, not ../shared/datasets. Batches are the recipes' per-GPU ones
+repository is needed, not the CIFAR-10 folder (data/cifar10). Batches are the recipes' per-GPU ones
 (256 at 32 px, 64 at 224 px), halved while a step runs out of memory (the row says so).
 A row that would start after --budget seconds is skipped and says so; a row that fails
 says why and the others still run.

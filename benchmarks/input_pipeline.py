@@ -17,7 +17,8 @@ Four pipelines, all producing two augmented views per image, batch 256:
 - naive keras-cv: `RandomCropAndResize` + `RandomFlip` + `RandomApply(RandomColorJitter)`
   + `RandomApply(Grayscale)` on the images in memory; the first and the RandomApply
   layers run one image at a time.
-At 32 px the images are CIFAR-10 from ../shared/datasets/cifar10; at 96 and 224 px the
+At 32 px the images are CIFAR-10 from data/cifar10 (`python make_cifar10_folder.py --out
+data/cifar10`, or the folder $SIMSIAM_CIFAR10 names); at 96 and 224 px the
 same images upscaled (and, for the jpeg rows, re-encoded as JPEG at quality 90).
 `memory_over_naive_32px` and `cached_over_naive_32px` are the 32 px rates of memory and
 of the batched keras-cv layer (the former "cached" pipeline) over naive keras-cv.
@@ -44,7 +45,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    CIFAR, Parser, batch_size, nonnegative_float, nonnegative_int, photo_folder, report, training_input,
+    cifar_folder, Parser, batch_size, nonnegative_float, nonnegative_int, photo_folder, report, training_input,
 )
 
 import numpy as np  # noqa: E402
@@ -137,9 +138,9 @@ def naive(images, size):
     )
 
 
-def load_cifar(count: int) -> tuple[np.ndarray, list[bytes]]:
-    """`count` CIFAR-10 training images (uint8) and their JPEG files' bytes."""
-    files = catalog.image_files(os.path.join(CIFAR, "train"))
+def load_cifar(folder: str, count: int) -> tuple[np.ndarray, list[bytes]]:
+    """`count` CIFAR-10 training images of `folder` (uint8) and their JPEG files' bytes."""
+    files = catalog.image_files(os.path.join(folder, "train"))
     files = [files[i] for i in catalog.subset(len(files), count)]
     raw = [open(f, "rb").read() for f in files]
     images = np.stack([tf.io.decode_jpeg(r, channels=3).numpy() for r in raw])
@@ -179,9 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--grain", type=nonnegative_float, default=0.0, help="noise std added to the photos (bigger JPEGs)")
     p.add_argument("--batch", type=batch_size, default=BATCH, help=f"pairs per batch (default {BATCH})")
     args = p.parse_args(argv)
-    if not os.path.isdir(CIFAR):
-        print(f"input_pipeline.py: error: CIFAR-10 folder not found at {CIFAR}", file=sys.stderr)
-        return 2
+    cifar = cifar_folder()  # a missing folder: one line naming how to make it, exit 2
     if args.batch < 2 or (args.photos is not None and args.photos < 0):
         print("input_pipeline.py: error: --batch must be at least 2 and --photos at least 0", file=sys.stderr)
         return 2
@@ -193,7 +192,7 @@ def main(argv=None) -> int:
     cores = os.cpu_count()
     rows = []
     if sizes:
-        base, base_jpegs = load_cifar(2048)
+        base, base_jpegs = load_cifar(cifar, 2048)
     for size in sizes:
         if size == 32:
             images, jpegs = base, base_jpegs

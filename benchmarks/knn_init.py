@@ -2,8 +2,8 @@
 why the "before training" figure calibrates BatchNorm first (README, Monitoring).
 
     python benchmarks/knn_init.py                       # digits preset, seed 0
-    python benchmarks/knn_init.py --dataset folder:../shared/datasets/cifar10 --preset digits --seeds 0,1,2
-    python benchmarks/knn_init.py --dataset folder:../shared/datasets/cifar10 --preset digits \
+    python benchmarks/knn_init.py --dataset folder:data/cifar10 --preset digits --seeds 0,1,2
+    python benchmarks/knn_init.py --dataset folder:data/cifar10 --preset digits \
         --val-fraction 0 --precision-at 10       # the untrained side of serving/README.md's precision@10
 
 A freshly initialised network keeps BatchNorm's moving mean 0 and variance 1, so its

@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    CIFAR, Parser, batch_size, current_rss_mb, peak_rss_mb, photo_folder, positive_int, report, training_input,
+    cifar_folder, Parser, batch_size, current_rss_mb, peak_rss_mb, photo_folder, positive_int, report, training_input,
 )
 
 from simsiam_tf import augment as aug  # noqa: E402
@@ -50,9 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=batch_size, default=256)
     p.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not os.path.isdir(CIFAR):
-        print(f"stream_epoch.py: error: CIFAR-10 folder not found at {CIFAR}", file=sys.stderr)
-        return 2
+    cifar_folder()  # a missing folder: one line naming how to make it, exit 2
     if args.images < args.batch or args.batch < 2:
         print("stream_epoch.py: error: --images must be at least --batch, and --batch at least 2", file=sys.stderr)
         return 2

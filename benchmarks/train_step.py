@@ -41,7 +41,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, REPO, Parser, batch_size, median_seconds, positive_int, report  # noqa: E402
+from common import CIFAR, REPO, Parser, batch_size, median_seconds, missing_cifar, positive_int, report  # noqa: E402
 from step_clock import StepClock  # noqa: E402
 
 import keras  # noqa: E402
@@ -137,8 +137,9 @@ def torch_python(data: str = CIFAR) -> tuple[str | None, str]:
 
     if not os.path.isfile(PEER):
         return None, f"skipped PyTorch: no reference at {PEER}"
-    if not os.path.isdir(data):
-        return None, f"skipped PyTorch: its step benchmark reads the folder {data}, which is missing"
+    why = missing_cifar(data)
+    if why:
+        return None, f"skipped PyTorch: its step benchmark opens a CIFAR-10 folder first: {why}"
     try:
         return resolve_torch_python(None), ""
     except Usage as e:

@@ -5,9 +5,9 @@ service, the same command and seed, only `--data-service-wire` differing.
     python benchmarks/wire_learning.py --quick              # tiny: that it runs
 
 A dispatcher and two workers on loopback (the wire format's effect on learning does
-not depend on the network), then `train.py` on real CIFAR-10 photos (the shared
-folder; `--train-limit` of them) at 32 px with the digits preset's narrow ResNet-18,
-once per wire format in `--wires`. The service hands units to workers first come,
+not depend on the network), then `train.py` on real CIFAR-10 photos (`--train-limit` of
+them; data/cifar10, made by `python make_cifar10_folder.py --out data/cifar10`, or --data)
+at 32 px with the digits preset's narrow ResNet-18, once per wire format in `--wires`. The service hands units to workers first come,
 first served, so two runs with the same seed see the same pairs in other batches: the
 repeated uint8 run measures that noise, against which the jpeg run's difference is read.
 
@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, REPO, Parser, existing_dir, nonnegative_int, positive_int, report  # noqa: E402
+from common import REPO, Parser, cifar_folder, existing_dir, nonnegative_int, positive_int, report  # noqa: E402
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -51,12 +51,14 @@ def _servers(work_dir: str):
 def main(argv=None) -> int:
     p = Parser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="256 images, 2 epochs")
-    p.add_argument("--data", type=existing_dir, default=CIFAR, help="a folder train|test/<class>/*.jpg (CIFAR-10)")
+    p.add_argument("--data", type=existing_dir, default=None,
+                   help="a folder train|test/<class>/*.jpg (default data/cifar10, or $SIMSIAM_CIFAR10)")
     p.add_argument("--train-limit", type=positive_int, help="training images (default 5,000; --quick: 256)")
     p.add_argument("--epochs", type=positive_int, help="default 10 (--quick: 2)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--wires", default="uint8,jpeg,uint8", help="one run per entry (default uint8,jpeg,uint8)")
     args = p.parse_args(argv)
+    args.data = args.data or cifar_folder()  # a missing default: one line naming how to make it, exit 2
     defaults = dict(train_limit=256, epochs=2) if args.quick else dict(train_limit=5000, epochs=10)
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -17,6 +17,9 @@ split_cpu(2)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR = os.path.join(os.path.dirname(REPO), "shared", "datasets", "cifar10")
+# The benchmarks read data/cifar10 unless SIMSIAM_CIFAR10 names another folder
+# (benchmarks/common.py); the tests, and the benchmarks they start, read the shared one.
+os.environ.setdefault("SIMSIAM_CIFAR10", CIFAR)
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +51,16 @@ def python():
     return sys.executable
 
 
-# The files that take longest, longest first (measured: `--durations` of the last full
-# run, docs in README "Tests"). pytest-xdist's --dist loadfile hands whole files to the
-# two workers in collection order; starting the long ones first lets both workers
-# finish together instead of one running the learning test alone at the end.
+# The files that take longest, longest first, as `--durations` of full runs ranks them
+# (summed per file). pytest-xdist's --dist loadfile hands whole files to the two workers
+# in collection order, given pytest.ini's --no-loadscope-reorder: by default xdist 3.x
+# orders files by their number of tests instead, which put the learning, collapse and
+# SimCLR runs last, one worker running them alone. Starting the long ones first lets
+# both workers finish together; no file should take much more than a fifth of the run.
 LONGEST_FIRST = (
-    "test_learning.py", "test_collapse.py", "test_benchmarks.py", "test_stream_training.py",
-    "test_data_service.py", "test_emulated_hosts.py", "test_reliability.py", "test_train_cli.py", "test_errors.py",
+    "test_benchmarks.py", "test_reliability.py", "test_data_service.py", "test_emulated_hosts.py",
+    "test_learning.py", "test_train_cli.py", "test_collapse.py", "test_gpu_check.py", "test_stream_training.py",
+    "test_simclr.py", "test_errors.py", "test_accumulation.py",
 )
 
 

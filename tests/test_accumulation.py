@@ -105,7 +105,10 @@ def test_the_schedule_counts_optimizer_steps_and_resume_continues_exactly(tmp_pa
     assert [s for s, _ in steps.seen] == [0, 1, 2, 3]
     lr0 = config.lr
     assert [r for _, r in steps.seen] == pytest.approx([lr0, lr0, 0.5 * lr0, 0.5 * lr0], rel=1e-6)
+    # The summary and config record the run with its micro-batch (once a test of its own,
+    # with a run of its own).
     assert load_config(os.path.join(straight, "config.json")).micro_batch == 8
+    assert json.load(open(os.path.join(straight, "summary.json")))["epochs_completed"] == 2
 
     stopped = str(tmp_path / "resumed")
     training.run(config.replace(epochs=1), stopped, verbose=0)
@@ -139,11 +142,3 @@ def test_bad_micro_batches_are_one_line_and_exit_2(flags, message):
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], out.stderr
-
-
-def test_the_summary_and_config_record_the_micro_batch(tmp_path):
-    logdir = str(tmp_path / "run")
-    training.run(_tiny(epochs=1), logdir, verbose=0)
-    summary = json.load(open(os.path.join(logdir, "summary.json")))
-    assert summary["epochs_completed"] == 1
-    assert load_config(os.path.join(logdir, "config.json")).micro_batch == 8

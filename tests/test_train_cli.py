@@ -169,27 +169,36 @@ def _tiny(**overrides):
     return make_config("digits", **base)
 
 
-def test_smoke_fit_writes_all_artefacts(tmp_path):
-    logdir = str(tmp_path / "run")
-    summary = training.run(_tiny(), logdir, verbose=0)
+# One run read by the three tests below (they only read it): a training run costs 25-30 s
+# on a 2-core CPU, most of it starting up. log_every_steps=1 for the TensorBoard test.
+SHARED = dict(log_every_steps=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    logdir = str(tmp_path_factory.mktemp("tiny") / "run")
+    return logdir, training.run(_tiny(**SHARED), logdir, verbose=0)
+
+
+def test_smoke_fit_writes_all_artefacts(tiny_run):
+    logdir, summary = tiny_run
     for key in ("epochs_completed", "loss", "z_std", "knn_top1", "knn_top1_init", "train_images_per_sec", "wall_time_s"):
         assert summary[key] is not None, key
     assert summary["epochs_completed"] == 2 and len(summary["history"]) == 2
     with open(os.path.join(logdir, "summary.json")) as f:
         assert json.load(f)["epochs_completed"] == 2
     # config.json records what --input auto chose.
-    assert load_config(os.path.join(logdir, "config.json")) == _tiny().replace(input="memory")
+    assert load_config(os.path.join(logdir, "config.json")) == _tiny(**SHARED).replace(input="memory")
     for path in ("checkpoints/last/latest.weights.h5", "checkpoints/best/model.weights.h5", "checkpoints/best/info.json"):
         assert os.path.exists(os.path.join(logdir, path)), path
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(logdir, "tb")))
     assert not [f for f in os.listdir(logdir) if f.startswith(".tmp")]
 
 
-def test_tensorboard_events_hold_the_promised_tags(tmp_path):
+def test_tensorboard_events_hold_the_promised_tags(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logdir = str(tmp_path / "run")
-    training.run(_tiny(epochs=1, log_every_steps=1), logdir, verbose=0)
+    logdir, _ = tiny_run
     acc = EventAccumulator(os.path.join(logdir, "tb"), size_guidance={"tensors": 0})
     acc.Reload()
     tags = set(acc.Tags()["tensors"])
@@ -212,13 +221,17 @@ def _final_weights(logdir):
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     epochs = "5"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # The uninterrupted run alongside the one to be killed (they share nothing): one
+    # run's time instead of two.
     straight = tmp_path / "straight"
-    done = _train([*TINY_FLAGS, "--epochs", epochs, "--logdir", str(straight)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-
+    uninterrupted = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train.py"), *TINY_FLAGS, "--epochs", epochs, "--logdir", str(straight)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in env.items() if k != "TF_ENABLE_ONEDNN_OPTS"},  # as _train runs it
+    )
     killed = tmp_path / "killed"
     meta = killed / "checkpoints" / "last" / "training_metadata.json"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "train.py"), *TINY_FLAGS, "--epochs", epochs, "--logdir", str(killed)],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
@@ -230,8 +243,13 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
+        _, err = uninterrupted.communicate(timeout=300)
+        assert uninterrupted.returncode == 0, err[-2000:]
     finally:
         proc.wait()
+        if uninterrupted.poll() is None:
+            uninterrupted.kill()
+            uninterrupted.wait()
     at_kill = json.loads(meta.read_text())["epoch"]
     if at_kill >= int(epochs):
         pytest.skip("the run finished before it could be killed")
@@ -250,12 +268,11 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert summary["loss"] == pytest.approx(reference["loss"], abs=1e-4)
 
 
-def test_resume_refuses_a_changed_configuration(tmp_path):
-    logdir = str(tmp_path / "run")
-    training.run(_tiny(epochs=1), logdir, verbose=0)
+def test_resume_refuses_a_changed_configuration(tiny_run):
+    logdir, _ = tiny_run
     with pytest.raises(UsageError, match="these flags differ: width=16"):  # --lr and --batch-size may change
         rundir.resolve_resume(logdir, {"width": 16})
-    assert rundir.resolve_resume(logdir, {"batch_size": 32}) == _tiny(epochs=1).replace(input="memory")
+    assert rundir.resolve_resume(logdir, {"batch_size": 32}) == _tiny(**SHARED).replace(input="memory")
 
 
 @pytest.mark.parametrize("preset", [[], ["--preset", "cifar"]])
