@@ -73,6 +73,8 @@ def _answers(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
+            if not request.HasField("model_spec"):
+                raise RequestError("Missing ModelSpec", 400)
             return method(self, request, context)
         except RequestError as e:
             code, message = grpc_code(e.status), str(e)
@@ -133,6 +135,13 @@ def tensor_proto(array: np.ndarray):
     return proto
 
 
+def _type_name(dtype) -> str:
+    """TensorFlow's DataTypeString: DT_FLOAT -> "float", DT_STRING -> "string"."""
+    from tensorflow.core.framework import types_pb2
+
+    return types_pb2.DataType.Name(dtype.as_datatype_enum)[3:].lower()
+
+
 def _inputs(request, expected: dict) -> dict:
     """The request's input tensors as NumPy arrays, checked against the signature's inputs
     (name -> rest_api.TensorInfo) the way TF Serving checks them."""
@@ -152,10 +161,9 @@ def _inputs(request, expected: dict) -> dict:
             array = tf.make_ndarray(proto)
         except Exception:  # an unknown dtype, or values that do not fill the shape
             raise RequestError(f"tensor parsing error: {name}", 400) from None
-        want = "string" if info.dtype == "string" else info.dtype
-        have = "string" if got == tf.string else got.name
-        if have != want:
-            raise RequestError(f"Expected input {name} to be {want} but get {have}.", 400)
+        want = tf.string if info.dtype == "string" else tf.dtypes.as_dtype(info.dtype)
+        if got != want:
+            raise RequestError(f"Expected input {name} to be {_type_name(want)} but get {_type_name(got)}.", 400)
         shape = tuple(array.shape)
         if len(shape) != len(info.shape) or any(w is not None and w != h for w, h in zip(info.shape, shape)):
             dims = ", ".join("-1" if d is None else str(d) for d in info.shape)
@@ -239,12 +247,31 @@ def target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class BindError(OSError):
+    """The gRPC address cannot be bound (errno and strerror say why when known)."""
+
+
+def _check_free(host: str, port: int) -> None:
+    """Raise BindError when host:port cannot be bound. gRPC would only log its reason on
+    stderr and fail without one; a plain socket says it (Address already in use)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise BindError(e.errno, e.strerror) from None
+
+
 def serve_grpc(models: ModelManager, host="127.0.0.1", port=8500, threads=4, queue=64, max_request_bytes=64 << 20):
     """Start TF Serving's gRPC services on host:port (0 picks a free port); returns (server, port).
 
     At most `threads` calls run at once and `queue` more wait; beyond that calls get
-    RESOURCE_EXHAUSTED. Raises OSError when the address cannot be bound.
+    RESOURCE_EXHAUSTED. Raises BindError (an OSError) when the address cannot be bound.
     """
+    if port:
+        _check_free(host, port)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
         maximum_concurrent_rpcs=threads + queue,
@@ -258,11 +285,10 @@ def serve_grpc(models: ModelManager, host="127.0.0.1", port=8500, threads=4, que
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(models), server)
     try:
         bound = server.add_insecure_port(target(host, port))
-    except RuntimeError as e:  # grpcio >= 1.52 raises instead of returning 0
-        server.stop(None)
-        raise OSError(f"cannot bind {target(host, port)}: {e}") from None
+    except RuntimeError:  # grpcio >= 1.52 raises instead of returning 0; the reason went to its log
+        bound = 0
     if bound == 0:
         server.stop(None)
-        raise OSError(f"cannot bind {target(host, port)}")
+        raise BindError(f"cannot bind {target(host, port)}")
     server.start()
     return server, bound

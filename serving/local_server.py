@@ -144,12 +144,12 @@ def main(argv=None) -> int:
             grpc_port=args.port, grpc_threads=args.grpc_max_threads,
         )
     except OSError as e:
-        if e.strerror:  # REST's socket
-            print(f"local_server.py: error: cannot listen on {args.host}:{args.rest_api_port} ({e.strerror}); "
-                  "pass another --rest_api_port", file=sys.stderr)
-        else:  # gRPC's: grpcio says only that it could not bind
-            print(f"local_server.py: error: cannot listen on {args.host}:{args.port} for gRPC (in use, or not an "
-                  "address of this host); pass another --port", file=sys.stderr)
+        from serving.grpc_server import BindError
+
+        api, port, flag = ("gRPC", args.port, "--port") if isinstance(e, BindError) else (
+            "REST", args.rest_api_port, "--rest_api_port")
+        print(f"local_server.py: error: cannot listen on {args.host}:{port} for {api} ({e.strerror or e}); "
+              f"pass another {flag}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
     print(f"listening on http://{host}:{port} (REST) and {server.grpc_address} (gRPC), "
