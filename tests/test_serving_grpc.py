@@ -274,6 +274,13 @@ def test_the_bulk_client_over_grpc_resumes_after_a_kill(server, tmp_path, monkey
     clean, killed = tmp_path / "clean.jsonl", tmp_path / "killed.jsonl"
     done = subprocess.run(cmd + [str(clean)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    # The same command over REST writes the same file: one format, whichever the transport.
+    rest = tmp_path / "rest.jsonl"
+    rest_cmd = [a if a != server["target"] else server["url"] for a in cmd]
+    rest_cmd[rest_cmd.index("--grpc")] = "--url"
+    done = subprocess.run(rest_cmd + [str(rest)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert rest.read_bytes() == clean.read_bytes()
 
     _slow_server(monkeypatch, 0.1)
     run = subprocess.Popen(cmd + [str(killed)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
