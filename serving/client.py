@@ -658,8 +658,8 @@ def build_parser():
     p.add_argument("--out", help="with --folder: JSON-lines file, one {\"image\", \"model_version\", \"embedding\"} per line")
     p.add_argument("--url", help="REST server root (default http://localhost:8501)")
     p.add_argument("--grpc", metavar="HOST:PORT",
-                   help="use TF Serving's gRPC API at HOST:PORT instead of REST (its port is 8500 by default); "
-                        "faster for bulk work, needs grpcio and protobuf")
+                   help="use TF Serving's gRPC API at HOST:PORT instead of REST (its port is 8500 by default): "
+                        "no base64 or JSON, one connection; needs grpcio and protobuf")
     p.add_argument("--model", default="simsiam", help="model name (default simsiam)")
     p.add_argument("--version", type=_at_least(1), help="model version (default: the newest)")
     p.add_argument("--batch-size", type=_at_least(1), default=32, help="images per request (default 32)")

@@ -114,12 +114,12 @@ def main(argv=None) -> int:
     p.add_argument("--rest_api_port", type=int, default=8501, help="TF Serving's --rest_api_port (0 picks a free port)")
     p.add_argument("--rest_api_num_threads", type=int, default=4, help="TF Serving's --rest_api_num_threads")
     p.add_argument("--port", type=int, default=8500,
-                   help="TF Serving's gRPC --port (0 picks a free port; in TF Serving 0 turns gRPC off)")
+                   help="TF Serving's gRPC --port (default 8500; 0 picks a free port, where TF Serving turns gRPC off)")
     p.add_argument("--grpc_max_threads", type=int, default=4 * (os.cpu_count() or 1),
                    help="TF Serving's --grpc_max_threads: gRPC calls run at once (default 4 per CPU)")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0, help="TF Serving's flag of that name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (not a TF Serving flag); 0.0.0.0 for all")
-    p.add_argument("--max_request_bytes", type=int, default=64 << 20, help="larger bodies get 413 (not a TF Serving flag)")
+    p.add_argument("--max_request_bytes", type=int, default=64 << 20, help="larger bodies get 413, larger gRPC messages RESOURCE_EXHAUSTED (not a TF Serving flag)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
     problem = base_path_problem(args.model_base_path)
