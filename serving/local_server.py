@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                    help="TF Serving's --grpc_max_threads: gRPC calls run at once (default 4 per CPU)")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0, help="TF Serving's flag of that name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (not a TF Serving flag); 0.0.0.0 for all")
-    p.add_argument("--max_request_bytes", type=int, default=64 << 20, help="larger bodies get 413, larger gRPC messages RESOURCE_EXHAUSTED (not a TF Serving flag)")
+    p.add_argument("--max_request_bytes", type=int, default=64 << 20,
+                   help="larger bodies get 413, larger gRPC messages RESOURCE_EXHAUSTED (not a TF Serving flag)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
     problem = base_path_problem(args.model_base_path)

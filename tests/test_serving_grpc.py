@@ -28,7 +28,7 @@ from tensorflow_serving.apis import (
 
 from serving import client as client_module
 from serving import local_server
-from serving.client import ClientError, EmbeddingClient, GrpcEmbeddingClient, embed_folder, read_embeddings
+from serving.client import ClientError, GrpcEmbeddingClient, read_embeddings
 from simsiam_tf import export
 from simsiam_tf.config import make_config
 from simsiam_tf.diagnostics.embed import FeatureExtractor
