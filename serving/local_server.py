@@ -9,16 +9,19 @@ the platform), and it lets tests and benchmarks exercise both contracts end to e
 Implemented (same paths, bodies, status codes as TF Serving):
 - POST /v1/models/NAME[/versions/N]:predict, row (`instances`) and columnar (`inputs`)
   formats, `signature_name`, `{"b64": ...}` binary values;
-- GET /v1/models/NAME[/versions/N] (status) and GET .../metadata (signature defs);
+- GET /v1/models/NAME[/versions/N] (status: every version tried, newest first, failed
+  loads with their error) and GET .../metadata (every signature, default fields printed);
 - gRPC on --port: PredictionService.Predict and GetModelMetadata, ModelService.GetModelStatus
   (serving/grpc_server.py), from the same loaded versions;
 - version discovery from integer subdirectories of --model_base_path, polled every
   --file_system_poll_wait_seconds; the newest version is served, a new one is loaded
   before the old one is unloaded (TF Serving's "latest" policy with one version);
-- errors as {"error": "..."}: 400 invalid argument, 404 not found, 413 body too large,
-  503 overloaded, 500 internal; over gRPC, TF Serving's status codes.
-Not implemented: /labels/, :classify and :regress (and their gRPC methods), model config
-files, batching.
+- errors as {"error": "..."}: 400 invalid argument or malformed request, 404 not found,
+  411 no Content-Length, 413 body too large, 501 :classify/:regress, 503 overloaded,
+  500 internal; over gRPC, TF Serving's status codes.
+Not implemented: version labels (/labels/L answers as an unknown label), :classify and
+:regress (and their gRPC methods), model config files, batching; a failed load is not
+retried.
 Additions: --host (TF Serving binds all interfaces; this binds 127.0.0.1 by default) and
 --max_request_bytes (both APIs). Port 0 picks a free port (TF Serving: 0 turns the API
 off). Unlike TF Serving, it refuses to start on a base path that holds no versions, such
