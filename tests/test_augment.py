@@ -480,7 +480,7 @@ def test_every_placement_applies_flip_jitter_and_grayscale_at_the_papers_rates()
         rates[name] = (np.mean(left > right), np.mean(jittered), np.mean(gray))
         for measured, p in zip(rates[name], (0.5, 0.8, 0.2)):
             assert measured == pytest.approx(p, abs=0.035), (name, rates[name])
-    # The memory path's layer, for comparison on the same measures.
+    # The keras-cv layer (the diagnostics probe's views), on the same measures.
     layer = aug.SimSiamAugment(aug.AugmentSpec(image_size=size, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0)))
     x = layer(tf.constant(grey), seed=tf.constant([3, 7], tf.int64)).numpy() * aug.IMAGENET_STD + aug.IMAGENET_MEAN
     assert np.mean(x[:, :, : size // 2].mean(axis=(1, 2, 3)) > x[:, :, size // 2 :].mean(axis=(1, 2, 3))) == pytest.approx(0.5, abs=0.035)
