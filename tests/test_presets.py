@@ -155,7 +155,8 @@ def test_the_sample_is_fixed_spread_and_bounded(tmp_path):
 
 def test_a_resumed_run_keeps_its_saved_preset(tmp_path, photos):
     # A run saved with the cifar preset on photos, whose size alone would pick imagenet
-    # (224 px, ResNet-50). Trained for real: one epoch of 4 images, a few seconds.
+    # (224 px, ResNet-50). Trained for real: one step of 4 images per epoch; the time
+    # goes to starting train.py and TensorFlow.
     run = tmp_path / "run"
     first = _train(tmp_path, "--dataset", photos, "--preset", "cifar", "--epochs", "1", "--logdir", str(run))
     assert first.returncode == 0, first.stderr[-2000:]
