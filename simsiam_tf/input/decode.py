@@ -77,11 +77,19 @@ def eval_form(raw: tf.Tensor, image_size: int) -> tf.Tensor:
 def _resize(crop: tf.Tensor, size: int) -> tf.Tensor:
     """A crop [h, w, 3] -> uint8 [size, size, 3], as torchvision's RandomResizedCrop.
 
-    Bilinear with antialiasing (PIL's and torchvision's `antialias=True`): a crop shrunk
-    k-fold averages over k pixels instead of sampling 2 of them, so a PNG crop shrunk
-    10x does not alias. Upscaling is plain bilinear either way.
+    Bilinear with antialiasing (PIL's and torchvision's `antialias=True`) where a side
+    shrinks: a crop shrunk k-fold averages over k pixels instead of sampling 2 of them,
+    so a PNG crop shrunk 10x does not alias. An enlarged crop gets plain bilinear, the
+    same weights without the antialiasing op's round-off (the 32 px views stay those of
+    tests/data/memory_path_32px.json).
     """
-    out = tf.image.resize(crop, (size, size), method="bilinear", antialias=True)
+    shape = tf.shape(crop)
+    shrinks = tf.logical_or(shape[0] > size, shape[1] > size)
+    out = tf.cond(
+        shrinks,
+        lambda: tf.image.resize(crop, (size, size), method="bilinear", antialias=True),
+        lambda: tf.image.resize(crop, (size, size), method="bilinear"),
+    )
     return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
