@@ -26,8 +26,8 @@ Differences from torchvision, all below what the training distribution can notic
   `input/decode.py`, as torchvision does) resamples crops bilinearly with corner-aligned
   sampling (`crop_and_resize`), not with half-pixel centres, and without antialiasing,
   which `crop_and_resize` lacks: the probe crops stored images (the evaluation side R,
-  S below 96 px), which a crop shrinks by at most R / S, 1.15; crop boxes themselves are integer pixel boxes drawn exactly as
-  torchvision draws them;
+  S below 96 px), which a crop shrinks by at most R / S, 1.15. Crop boxes themselves
+  are integer pixel boxes drawn exactly as torchvision draws them;
 - the blur kernel is a Gaussian truncated at 3 sigma of the largest sigma (PIL's
   GaussianBlur approximates a Gaussian with box filters);
 - colour ops work in float and never round to 8 bits between them, where torchvision's
