@@ -22,9 +22,12 @@ Randomness is stateless: each call takes a seed, so a run is reproducible from
 generator.
 
 Differences from torchvision, all below what the training distribution can notice:
-- crops are resampled bilinearly with corner-aligned sampling (`crop_and_resize`), not
-  with half-pixel centres; crop boxes themselves are integer pixel boxes drawn exactly
-  as torchvision draws them;
+- `SimSiamAugment` (the diagnostics probe's views; training's crops are resized in
+  `input/decode.py`, as torchvision does) resamples crops bilinearly with corner-aligned
+  sampling (`crop_and_resize`), not with half-pixel centres, and without antialiasing,
+  which `crop_and_resize` lacks: the probe crops stored images (the evaluation side R,
+  S below 96 px), which a crop shrinks by at most R / S, 1.15. Crop boxes themselves
+  are integer pixel boxes drawn exactly as torchvision draws them;
 - the blur kernel is a Gaussian truncated at 3 sigma of the largest sigma (PIL's
   GaussianBlur approximates a Gaussian with box filters);
 - colour ops work in float and never round to 8 bits between them, where torchvision's
@@ -104,6 +107,26 @@ def eval_resize_side(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
+def shorter_side_resize_shape(h, w, side: int):
+    """(new_h, new_w), int32, of torchvision's `Resize(side)` on an h x w image.
+
+    torchvision's `_compute_resized_output_size`: the shorter side (the width when
+    w <= h) becomes `side`, the longer int(side * long / short). side * long is exact
+    and the division rounds once; long * (side / short) rounds twice and can land one
+    pixel short (147 x 98 at 256: 383, not 384). A shorter side already at `side`
+    gives the image's own size. `h` and `w` may be tensors of any equal shape.
+    """
+    h, w = tf.cast(h, tf.int32), tf.cast(w, tf.int32)
+    short = tf.minimum(h, w)
+    longer = lambda n: tf.cast(
+        tf.cast(n, tf.float64) * float(side) / tf.cast(short, tf.float64), tf.int32
+    )
+    width_is_short = w <= h
+    new_h = tf.where(width_is_short, longer(h), side)
+    new_w = tf.where(width_is_short, side, longer(w))
+    return new_h, new_w
+
+
 def resize_shorter_center_crop(images: tf.Tensor, side: int, crop: int) -> tf.Tensor:
     """uint8 [B, H, W, 3] -> [B, crop, crop, 3]: shorter side to `side`, then the centre.
 
@@ -114,10 +137,7 @@ def resize_shorter_center_crop(images: tf.Tensor, side: int, crop: int) -> tf.Te
     images = tf.convert_to_tensor(images)
     shape = tf.shape(images)
     h, w = shape[1], shape[2]
-    short = tf.minimum(h, w)
-    scale = tf.cast(side, tf.float64) / tf.cast(short, tf.float64)
-    new_h = tf.where(h == short, side, tf.cast(tf.cast(h, tf.float64) * scale, tf.int32))
-    new_w = tf.where(w == short, side, tf.cast(tf.cast(w, tf.float64) * scale, tf.int32))
+    new_h, new_w = shorter_side_resize_shape(h, w, side)
     new_h, new_w = tf.maximum(new_h, crop), tf.maximum(new_w, crop)
 
     def resize():

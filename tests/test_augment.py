@@ -399,6 +399,32 @@ def test_eval_preprocess_resizes_any_size_and_matches_stored_images():
     np.testing.assert_allclose(aug.eval_preprocess(stored, 32).numpy(), out, atol=1e-6)
 
 
+def _torchvision_resize_shape(h, w, side):
+    """torchvision.transforms.functional._compute_resized_output_size(
+    [h, w], [side]), written out: the shorter side (the width when w <= h) becomes
+    `side`, the longer int(side * long / short)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = side, int(side * long / short)
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
+def test_the_evaluation_resize_has_torchvisions_sizes():
+    assert aug.shorter_side_resize_shape(147, 98, 256) == (384, 256)  # long * (side / short) gave 383
+    # The project's sides: the preset sizes' evaluation sides and the stored squares.
+    sides = sorted({aug.eval_resize_side(s) for s in (32, 64, 96, 112, 128, 160, 192, 224, 256, 288)} | {256})
+    h, w = np.meshgrid(np.arange(8, 400), np.arange(8, 400), indexing="ij")
+    for side in sides:
+        new_h, new_w = (t.numpy() for t in aug.shorter_side_resize_shape(tf.constant(h.ravel()), tf.constant(w.ravel()), side))
+        expected = np.array([_torchvision_resize_shape(a, b, side) for a, b in zip(h.ravel(), w.ravel())])
+        wrong = (new_h != expected[:, 0]) | (new_w != expected[:, 1])
+        assert not wrong.any(), (side, h.ravel()[wrong][:5], w.ravel()[wrong][:5])
+    # A shorter side already at the target is left alone, as torchvision returns the image:
+    # the centre crop is then a slice of the original pixels.
+    image = _images(1, 300)[:, :, :256]  # 300 x 256
+    out = aug.resize_shorter_center_crop(image, 256, 224).numpy()
+    np.testing.assert_array_equal(out, image[:, 38:262, 16:240])
+
+
 # ---------------------------------------------------------------------------
 # The two placements of the photometric steps: tf.data on the host (batched for the
 # in-memory path, per image for the streaming path) and train_step on the device
@@ -454,7 +480,7 @@ def test_every_placement_applies_flip_jitter_and_grayscale_at_the_papers_rates()
         rates[name] = (np.mean(left > right), np.mean(jittered), np.mean(gray))
         for measured, p in zip(rates[name], (0.5, 0.8, 0.2)):
             assert measured == pytest.approx(p, abs=0.035), (name, rates[name])
-    # The memory path's layer, for comparison on the same measures.
+    # The keras-cv layer (the diagnostics probe's views), on the same measures.
     layer = aug.SimSiamAugment(aug.AugmentSpec(image_size=size, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0)))
     x = layer(tf.constant(grey), seed=tf.constant([3, 7], tf.int64)).numpy() * aug.IMAGENET_STD + aug.IMAGENET_MEAN
     assert np.mean(x[:, :, : size // 2].mean(axis=(1, 2, 3)) > x[:, :, size // 2 :].mean(axis=(1, 2, 3))) == pytest.approx(0.5, abs=0.035)

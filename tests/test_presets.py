@@ -1,8 +1,8 @@
 """The preset a dataset gets without --preset: from what a folder's images are.
 
-Nothing here trains. train.py is run up to the point where it refuses a --logdir that
-already holds files, after the preset is chosen and printed and before TensorFlow is
-imported, so each command line takes a second.
+train.py is mostly run up to the point where it refuses a --logdir that already holds
+files, after the preset is chosen and printed and before TensorFlow is imported, so each
+command line takes a second. Only the resume test trains: one tiny epoch, then one more.
 """
 
 import json
@@ -51,6 +51,19 @@ def _train_until_logdir_check(tmp_path, *args):
     assert result.returncode == 2 and "already holds files" in result.stderr, result.stderr[-2000:]
     assert "tensorflow" not in result.stderr.lower()
     return result.stdout
+
+
+# The smallest training train.py runs: float32 (not what --precision auto picks on the
+# CPU at hand), a narrow network, no monitors.
+TINY = ["--width", "8", "--batch-size", "4", "--precision", "float32", "--knn-every", "0", "--diag-every", "0",
+        "--projector-images", "0", "--seed", "3"]
+
+
+def _train(tmp_path, *args):
+    """train.py with `args` (TINY unless resuming) run to the end: the CompletedProcess."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    command = [sys.executable, os.path.join(REPO, "train.py"), *([] if "--resume" in args else TINY), *args]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_small_images_get_cifar(small):
@@ -141,17 +154,30 @@ def test_the_sample_is_fixed_spread_and_bounded(tmp_path):
 
 
 def test_a_resumed_run_keeps_its_saved_preset(tmp_path, photos):
+    # A run saved with the cifar preset on photos, whose size alone would pick imagenet
+    # (224 px, ResNet-50). Trained for real: one step of 4 images per epoch; the time
+    # goes to starting train.py and TensorFlow.
     run = tmp_path / "run"
-    run.mkdir()
-    saved = make_config("cifar", dataset=photos)
-    (run / "config.json").write_text(json.dumps(saved.to_dict()))
+    first = _train(tmp_path, "--dataset", photos, "--preset", "cifar", "--epochs", "1", "--logdir", str(run))
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["preset"], saved["image_size"], saved["backbone"]) == ("cifar", 32, "resnet18")
+
     # A flag that differs from the saved run stops it before training: no preset is chosen anew.
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train.py"), "--resume", str(run), "--epochs", "3"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2 and "flags differ" in result.stderr
-    assert "preset:" not in result.stdout
+    refused = _train(tmp_path, "--resume", str(run), "--epochs", "3")
+    assert refused.returncode == 2 and "flags differ" in refused.stderr
+    assert "preset:" not in refused.stdout
+
+    # Resumed for real, as a run stopped after epoch 1 of 2 leaves config.json, with the
+    # --dataset that alone would pick imagenet for a new run.
+    (run / "config.json").write_text(json.dumps({**saved, "epochs": 2}))
+    resumed = _train(tmp_path, "--resume", str(run), "--dataset", photos)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "preset:" not in resumed.stdout and "epochs 2-2" in resumed.stdout, resumed.stdout[-2000:]
+    assert "Training SimSiam (cifar preset)" in resumed.stdout  # what it trained, not only what config.json says
+    config = json.loads((run / "config.json").read_text())
+    assert (config["preset"], config["image_size"], config["backbone"]) == ("cifar", 32, "resnet18")
+    assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 2
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(CIFAR, "train")), reason="no CIFAR-10 folder on this machine")

@@ -18,13 +18,39 @@ from simsiam_tf.config import PRESETS, SIMCLR_PRESETS, UsageError, make_config
 from simsiam_tf.diagnostics import probe
 
 EPOCHS = 10
+# How far 10 epochs move the volume diagnostics beyond random init, about half of what
+# was measured (this config, seed 0; 2-core AMD EPYC, AVX512-BF16, 2026-12-06):
+# shard_ratio 0.741 at init, 0.349 trained; within_log_volume_gap -0.263 at init, -1.547
+# trained. A loss that does not train (a constant) leaves both at init.
+SHARD_MARGIN = 0.2
+GAP_MARGIN = 0.6
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    config = make_config("digits", method="simclr", epochs=EPOCHS, knn_every=EPOCHS, diag_every=EPOCHS, projector_images=0)
+def config():
+    return make_config("digits", method="simclr", epochs=EPOCHS, knn_every=EPOCHS, diag_every=EPOCHS, projector_images=0)
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, config):
     run_dir = str(tmp_path_factory.mktemp("simclr"))
     return training.run(config, run_dir, verbose=0), run_dir
+
+
+def _diagnostics_at_init(config) -> dict:
+    """The run's diagnostics (same probe images, views and seed) of its model before
+    training: built as `training.build` builds it, from config.seed."""
+    import keras
+
+    from simsiam_tf import input as input_lib
+    from simsiam_tf.model import build_model
+
+    training_input, _ = input_lib.open_input(config)
+    images, _ = training_input.eval_split("train", config.diag_images).materialize()
+    keras.utils.set_random_seed(config.seed)
+    return probe.ProbeSet(
+        probe.probe_images(images, config.diag_images), config.diag_views, config.image_size, config.seed
+    ).evaluate(build_model(config))
 
 
 def test_simclr_beats_its_own_random_init(learned):
@@ -34,12 +60,17 @@ def test_simclr_beats_its_own_random_init(learned):
     assert summary["loss"] < chance - 0.5
 
 
-def test_simclr_diagnostics_skip_the_predictor_and_measure_the_volume(learned):
+def test_simclr_diagnostics_skip_the_predictor_and_measure_the_volume(learned, config):
     _, run_dir = learned
     (record,) = probe.read_records(run_dir)
     assert record["predictor_cosine"] is None and record["bandwidth"] is None
-    assert 0 < record["shard_ratio"] < 0.875  # views carry image information
-    assert record["within_trace"] > 0 and record["within_log_volume_gap"] < 0  # shards tighter than mixed groups
+    # Random init already passes 0 < shard_ratio < 1 - 1/8 and gap < 0: views of an
+    # image overlap, so even random features group them. Training must go beyond init.
+    init = _diagnostics_at_init(config)
+    assert 0 < record["shard_ratio"] < init["shard_ratio"] - SHARD_MARGIN, (record["shard_ratio"], init["shard_ratio"])
+    assert record["within_trace"] > 0
+    assert record["within_log_volume_gap"] < init["within_log_volume_gap"] - GAP_MARGIN, (
+        record["within_log_volume_gap"], init["within_log_volume_gap"])
 
 
 def test_simclr_presets_keep_the_recipe_and_take_their_own_lr():

@@ -9,7 +9,8 @@
   and width (`augment.sample_crop_boxes`), each crop resized to S x S. From encoded
   bytes, a JPEG is decoded only inside each box (`tf.io.decode_and_crop_jpeg`, at 1/2,
   1/4 or 1/8 scale when the box is that much larger than S); other formats, and images
-  already in memory, are cropped from the whole image with the same resize.
+  already in memory, are cropped from the whole image with the same resize (bilinear,
+  antialiased when it shrinks, as torchvision's).
 - `view_stage`: both views of an image from its seed (`order.image_seed`): the crops,
   then, with augment_on="host", flip, colour jitter, grayscale and blur, per image or on
   the batch by size; `image_views` for one image.
@@ -74,7 +75,21 @@ def eval_form(raw: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def _resize(crop: tf.Tensor, size: int) -> tf.Tensor:
-    out = tf.image.resize(crop, (size, size), method="bilinear")
+    """A crop [h, w, 3] -> uint8 [size, size, 3], as torchvision's RandomResizedCrop.
+
+    Bilinear with antialiasing (PIL's and torchvision's `antialias=True`) where a side
+    shrinks: a crop shrunk k-fold averages over k pixels instead of sampling 2 of them,
+    so a PNG crop shrunk 10x does not alias. An enlarged crop gets plain bilinear, the
+    same weights without the antialiasing op's round-off (the 32 px views stay those of
+    tests/data/memory_path_32px.json).
+    """
+    shape = tf.shape(crop)
+    shrinks = tf.logical_or(shape[0] > size, shape[1] > size)
+    out = tf.cond(
+        shrinks,
+        lambda: tf.image.resize(crop, (size, size), method="bilinear", antialias=True),
+        lambda: tf.image.resize(crop, (size, size), method="bilinear"),
+    )
     return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
