@@ -22,7 +22,8 @@ the noise's subspace A and m_o the rest, symmetry within A gives
 E[z̃ | m] = α m_o + β m_A, where α = E[1/R] and β = E[(1 + e/|m_A|)/R],
 R = |m + noise|, e the noise along m_A; α and β are averages over 4,000 noise draws.
 
-Rows: the bias (estimate − truth, mean and std over seeds) of the plain rank of f̄
+Rows: the bias (estimate − truth, mean and std over seeds) of the centred rank of the
+N noiseless means (how far N = 256 images alone read from the truth), the plain rank of f̄
 (`effective_rank`, not centred), the same centred, the noise-corrected rank
 (`between_image_effective_rank`, Cov(f̄) − W/V clipped at 0), and the split-half rank
 (`between_image_rank_split`) with eigenvalues floored at 0 ("split, clip 0") and at the
@@ -49,6 +50,7 @@ PROBE_VIEWS = 8  # the views the real probe has: within_trace is stated as it wo
 TRUTH_IMAGES = 20_000
 NOISE_DRAWS = 4_000
 ESTIMATORS = (
+    ("noiseless", "centred rank of the 256 noiseless means m (the sampling floor)"),
     ("plain", "plain rank of f̄ (not centred)"),
     ("plain_centred", "plain rank of f̄, centred"),
     ("corrected", "noise-corrected: Cov(f̄) − W/V"),
@@ -129,15 +131,18 @@ def true_rank(rank: int, dim: int, noise: str, scale: float, seed: int = 0) -> f
 def cloud(rng: np.random.Generator, n: int, views: int, rank: int, dim: int, noise: str, scale: float) -> np.ndarray:
     """z [n, views, dim]: unit means in the first `rank` coordinates plus view noise."""
     z = np.zeros((n, views, dim))
-    z[:, :, :rank] = true_means(rng, n, rank)[:, None, :]
+    z[:, :, :rank] = true_means(rng, n, rank)[:, None, :]  # the noiseless means: z[:, 0, :rank] before the noise
     dims = noise_dims(noise, rank, dim)
     z[:, :, dims] += scale * rng.normal(size=(n, views, len(dims)))
     return z
 
 
-def estimates(z: np.ndarray) -> dict:
+def estimates(z: np.ndarray, means: np.ndarray | None = None) -> dict:
+    """Every estimator on z; "noiseless": the same entropy rank of the centred `means`
+    (what N images would read with no view noise at all)."""
     fbar = metrics.mean_representations(z)
     return {
+        "noiseless": float("nan") if means is None else metrics.effective_rank(means - means.mean(axis=0)),
         "plain": metrics.effective_rank(fbar),
         "plain_centred": metrics.effective_rank(fbar - fbar.mean(axis=0)),
         "corrected": metrics.between_image_effective_rank(z),
@@ -153,7 +158,8 @@ def calibrate(rank: int, dim: int, views: int, noise: str, within_trace: float, 
     rows = {key: [] for key, _ in ESTIMATORS}
     for seed in range(seeds):
         z = cloud(np.random.default_rng(seed), images, views, rank, dim, noise, scale)
-        for key, value in estimates(z).items():
+        means = true_means(np.random.default_rng(seed), images, rank)  # the same draws cloud() made first
+        for key, value in estimates(z, means).items():
             rows[key].append(value)
     out = {"rank": rank, "dim": dim, "views": views, "noise": noise, "within_trace": within_trace,
            "noise_std": scale, "truth": truth}
