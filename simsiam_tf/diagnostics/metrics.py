@@ -114,11 +114,69 @@ def between_image_effective_rank(z: np.ndarray) -> float:
     zn = l2_normalize(np.asarray(z))
     n, v, _ = zn.shape
     fbar = zn.mean(axis=1)
-    centred = zn - fbar[:, None, :]
-    within = np.einsum("nvi,nvj->ij", centred, centred) / (n * (v - 1))
+    centred = (zn - fbar[:, None, :]).reshape(n * v, -1)
+    within = centred.T @ centred / (n * (v - 1))  # a BLAS product: einsum took 40 s at d = 2048, V = 32
     between = np.cov(fbar, rowvar=False)
     lam = np.linalg.eigvalsh(between - within / v)
     return _entropy_rank(np.sqrt(np.where(lam > 1e-12, lam, 0.0)))  # below 1e-12: round-off
+
+
+def between_image_rank_split(z: np.ndarray, floor: str = "mirror") -> float:
+    """Effective rank of the image means' covariance, from two disjoint halves of the views.
+
+    For each image, f_a and f_b are the means of the l2-normalised views 0..V/2-1 and
+    V/2..2(V/2)-1 (an odd last view is left out). Their cross-covariance over the N
+    images, centred and symmetrised,
+
+        C = (F_aᵀ F_b + F_bᵀ F_a) / (2 (N - 1)),   F_a, F_b centred over images,
+
+    is an unbiased estimate of the covariance of the true image means E_aug[z̃]: the
+    view noise of one half is independent of the other's, so it cancels in expectation
+    instead of being subtracted (as `between_image_effective_rank` does with W/V).
+
+    What is left of the noise is a symmetric random matrix of mean 0: its eigenvalues
+    fall on both sides of 0, about as far below as above. Clipping the negative ones at
+    0 (floor="zero") keeps the positive half, and the square root in the rank weighs
+    many small eigenvalues heavily, so that alone still reads high. floor="mirror"
+    (the default) also drops every eigenvalue no larger than |λ_min|, the magnitude of
+    the most negative one: the noise's own estimate of how far it reaches. Signal
+    eigenvalues below that edge are lost with it, so the rank can read low when the
+    spectrum has a long tail under the noise; the bias is measured in
+    benchmarks/rank_calibration.py (docs/evaluation.md#definitions).
+
+    The rank is that of `effective_rank`: exp of the entropy of σ_i / Σσ_j with
+    σ_i = √λ_i, the singular values a centred matrix with covariance C would have.
+    Centred, like `between_image_effective_rank`; `effective_rank` is not.
+    Needs N >= 2 and V >= 2; 0 when nothing is left.
+    """
+    zn = l2_normalize(np.asarray(z))
+    n, v, _ = zn.shape
+    half = v // 2
+    fa = zn[:, :half].mean(axis=1)
+    fb = zn[:, half:2 * half].mean(axis=1)
+    fa = fa - fa.mean(axis=0)
+    fb = fb - fb.mean(axis=0)
+    lam = _symmetric_cross_eigenvalues(fa, fb) / (n - 1)
+    if floor == "mirror":
+        edge = max(-lam.min(), 1e-12) if lam.size else 1e-12
+    elif floor == "zero":
+        edge = 1e-12
+    else:
+        raise ValueError(f"floor must be 'mirror' or 'zero', got {floor!r}")
+    return _entropy_rank(np.sqrt(np.where(lam > edge, lam, 0.0)))
+
+
+def _symmetric_cross_eigenvalues(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Eigenvalues of (aᵀb + bᵀa) / 2 for a, b [N, D], computed in the span of their
+    2N rows when that is smaller than D (the rest are 0)."""
+    d = a.shape[1]
+    if 2 * len(a) >= d:
+        m = a.T @ b
+        return np.linalg.eigvalsh((m + m.T) / 2)
+    q, _ = np.linalg.qr(np.concatenate([a, b]).T)  # [D, 2N], orthonormal columns
+    pa, pb = a @ q, b @ q
+    m = pa.T @ pb
+    return np.linalg.eigvalsh((m + m.T) / 2)
 
 
 def shard_ratio(z: np.ndarray) -> float:
@@ -360,7 +418,9 @@ def all_metrics(z: np.ndarray, p: np.ndarray | None) -> dict:
     """Every diagnostic of the probe set, as a JSON-ready dict.
 
     Keys: z_std, z_std_reference (1/sqrt(D)), effective_rank, singular_values (of the
-    f̄ matrix, descending), between_rank (`between_image_effective_rank`), shard_ratio,
+    f̄ matrix, descending), between_rank (`between_image_effective_rank`),
+    between_rank_split (`between_image_rank_split`, added later: older diagnostics.jsonl
+    files lack it), shard_ratio,
     within_trace, within_log_volume, within_log_volume_gap (`within_image_volume`),
     predictor_cosine, predictor_identity_cosine, bandwidth, alignment, uniformity. A
     model without a predictor (SimCLR) passes p = None: the three predictor keys are
@@ -384,6 +444,7 @@ def _all_metrics(z: np.ndarray, p: np.ndarray | None) -> dict:
         "effective_rank": effective_rank(fbar),
         "singular_values": singular_values(fbar).tolist(),  # the spectrum effective_rank summarises
         "between_rank": between_image_effective_rank(z),
+        "between_rank_split": between_image_rank_split(z),
         "shard_ratio": shard_ratio(z),
         "within_trace": volume["trace"],
         "within_log_volume": volume["log_volume"],
