@@ -34,6 +34,7 @@ SCALARS = (
     "z_std_reference",
     "effective_rank",
     "between_rank",
+    "between_rank_split",
     "shard_ratio",
     "within_trace",
     "within_log_volume",
