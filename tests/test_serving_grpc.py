@@ -310,9 +310,13 @@ def test_a_new_version_is_picked_up_over_grpc(exported, tmp_path):
         shutil.copytree(os.path.join(base, "1"), os.path.join(base, ".tmp-2"))
         os.rename(os.path.join(base, ".tmp-2"), os.path.join(base, "2"))
         deadline = time.time() + 30
-        while time.time() < deadline and client.status()["model_version_status"][0]["version"] != "2":
+        newest = {}
+        while time.time() < deadline:  # newest first; LOADING before AVAILABLE, as TF Serving
+            newest = client.status()["model_version_status"][0]
+            if newest["version"] == "2" and newest["state"] == "AVAILABLE":
+                break
             time.sleep(0.1)
-        assert client.status()["model_version_status"][0]["version"] == "2"
+        assert newest["version"] == "2" and newest["state"] == "AVAILABLE"
         stub = prediction_service_pb2_grpc.PredictionServiceStub(client._channel)  # the same connection
         assert stub.Predict(_request(PNGS[:2]), timeout=60).model_spec.version.value == 2
         np.testing.assert_allclose(client.embed(PNGS[:2]), before, atol=1e-6)  # a copy of version 1
