@@ -3,6 +3,8 @@
     python benchmarks/profile_step.py --batch 64                  # op types in the TF profiler
     python benchmarks/profile_step.py --batch 64 --onednn         # oneDNN primitives, ours
     python benchmarks/profile_step.py --batch 64 --onednn --torch # ... and the PyTorch reference's
+    python benchmarks/profile_step.py --batch 64 --precision bfloat16 --onednn --torch \
+        --by-shape backward_weights --threads 1                   # per shape, side by side, one thread
 
 Without --onednn: `SimSiam.train_step` in a `tf.function`, on one batch of random uint8
 views in the batch format ([B, 2, 32, 32, 3], which the step unpacks and normalises), warm-up
@@ -27,6 +29,7 @@ import collections
 import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,8 +95,9 @@ def profile_ops(batch: int, precision: str, width: int, steps: int, warmup: int)
     ]
 
 
-def onednn_totals(log: str, steps_logged: int, steps_timed: int) -> list[dict]:
-    """Per-step totals by primitive over the timed steps of an ONEDNN_VERBOSE log.
+def _timed_executions(log: str, steps_logged: int, steps_timed: int) -> tuple[str | None, list[list[str]]]:
+    """oneDNN's version and the `exec` lines (split into fields) of the timed steps of
+    an ONEDNN_VERBOSE log.
 
     Our child process marks where its timed steps begin (TIMED); for a log without
     the mark (the PyTorch reference's), every step after the first runs the same
@@ -105,17 +109,20 @@ def onednn_totals(log: str, steps_logged: int, steps_timed: int) -> list[dict]:
     marked = TIMED in lines
     if marked:
         lines = lines[lines.index(TIMED):]
-    executions = []
-    for line in lines:
-        if line.startswith("onednn_verbose") and ",exec," in line:
-            fields = line.strip().split(",")
-            i = fields.index("exec")
-            executions.append(((fields[i + 2], fields[i + 3], fields[i + 4]), float(fields[-1])))
+    executions = [line.strip().split(",") for line in lines if line.startswith("onednn_verbose") and ",exec," in line]
     if not marked:
         executions = executions[len(executions) - len(executions) * steps_timed // steps_logged:]
+    return version, executions
+
+
+def onednn_totals(log: str, steps_logged: int, steps_timed: int) -> list[dict]:
+    """Per-step totals by primitive (kind, implementation, propagation) over the timed steps."""
+    version, executions = _timed_executions(log, steps_logged, steps_timed)
     seconds, count = collections.Counter(), collections.Counter()
-    for key, ms in executions:  # key: kind, implementation, propagation
-        seconds[key] += ms
+    for fields in executions:
+        i = fields.index("exec")
+        key = (fields[i + 2], fields[i + 3], fields[i + 4])
+        seconds[key] += float(fields[-1])
         count[key] += 1
     total = sum(seconds.values())
     return [
@@ -125,12 +132,36 @@ def onednn_totals(log: str, steps_logged: int, steps_timed: int) -> list[dict]:
     ]
 
 
+def onednn_by_shape(log: str, steps_logged: int, steps_timed: int, propagation: str) -> dict[str, float]:
+    """The median milliseconds of one call, per problem shape, of the timed steps'
+    convolutions of one propagation (e.g. backward_weights)."""
+    _, executions = _timed_executions(log, steps_logged, steps_timed)
+    times = collections.defaultdict(list)
+    for fields in executions:
+        i = fields.index("exec")
+        if fields[i + 2] == "convolution" and fields[i + 4] == propagation:
+            times[fields[-2]].append(float(fields[-1]))
+    return {shape: float(statistics.median(ms)) for shape, ms in times.items()}
+
+
+def _print_by_shape(ours: dict, theirs: dict | None) -> None:
+    print("median ms per call, by shape (ours" + (", PyTorch, ours / PyTorch)" if theirs is not None else ")"))
+    for shape in sorted(ours, key=ours.get, reverse=True):
+        line = f"  {shape:<64} {ours[shape]:8.2f}"
+        if theirs is not None:
+            other = theirs.get(shape)
+            line += f" {other:8.2f} {ours[shape] / other:6.2f}" if other else "        -      -"
+        print(line)
+
+
 def _child(args) -> None:
     """Run in the ONEDNN_VERBOSE child: warm-up and timed steps, nothing else."""
     import tensorflow as tf
 
     if args.inter_op:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     run = _step_function(args.batch, args.precision, args.width)
     for _ in range(args.warmup):
         run()
@@ -159,12 +190,18 @@ def main(argv=None) -> int:
                    help="with --onednn: TensorFlow's inter-op threads (default 1: one op at a time, as PyTorch "
                         "runs; with 2, two primitives share the cores and each one's logged time doubles; "
                         "0: TensorFlow's default)")
+    p.add_argument("--threads", type=nonnegative_int, default=0,
+                   help="with --onednn: intra-op threads of both frameworks (default 0: TensorFlow's default, "
+                        "the reference's 2)")
+    p.add_argument("--by-shape", metavar="PROPAGATION", default=None,
+                   help="with --onednn: also the median time of one call per shape of the convolutions of this "
+                        "propagation (forward_training, backward_data, backward_weights), side by side")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if min(args.batch, args.width, args.steps) < 1 or min(args.warmup, args.inter_op) < 0:
         p.error("--batch, --width and --steps must be at least 1, --warmup and --inter-op at least 0")
-    if args.torch and not args.onednn:
-        p.error("--torch compares oneDNN logs: add --onednn")
+    if (args.torch or args.by_shape or args.threads) and not (args.onednn or args.child):
+        p.error("--torch, --by-shape and --threads read oneDNN logs: add --onednn")
     if args.child:
         _child(args)
         return 0
@@ -178,7 +215,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, ONEDNN_VERBOSE="1", TF_CPP_MIN_LOG_LEVEL="3")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batch", str(args.batch), "--width",
            str(args.width), "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
-           "--inter-op", str(args.inter_op)]
+           "--inter-op", str(args.inter_op), "--threads", str(args.threads)]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -188,6 +225,8 @@ def main(argv=None) -> int:
         raise SystemExit("error: oneDNN logged nothing: TensorFlow's oneDNN kernels are off (TF_ENABLE_ONEDNN_OPTS=0?)")
     _print(f"ours, {rows[0]['onednn']} ({time.perf_counter() - started:.0f} s):", rows, "primitive", "calls_per_step")
     out["ours"] = rows
+    ours_by_shape = onednn_by_shape(done.stdout, args.warmup + args.steps, args.steps, args.by_shape) if args.by_shape else None
+    theirs_by_shape = None
     if args.torch:
         python, note = torch_python()
         if python is None:
@@ -196,13 +235,19 @@ def main(argv=None) -> int:
         else:
             peer_warmup = 5  # fixed in the reference's --step-bench
             cmd = [python, PEER, "--data", CIFAR, "--step-bench", str(args.steps), "--batch-size", str(args.batch),
-                   "--width", str(args.width)] + (["--bf16"] if args.precision == "bfloat16" else [])
+                   "--width", str(args.width)] + (["--bf16"] if args.precision == "bfloat16" else []) + (
+                      ["--threads", str(args.threads)] if args.threads else [])
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 raise SystemExit(f"error: the PyTorch reference failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
             rows = onednn_totals(done.stdout, peer_warmup + args.steps, args.steps)
             _print(f"PyTorch, {rows[0]['onednn'] if rows else '?'}:", rows, "primitive", "calls_per_step")
             out["pytorch"] = rows
+            if args.by_shape:
+                theirs_by_shape = onednn_by_shape(done.stdout, peer_warmup + args.steps, args.steps, args.by_shape)
+    if args.by_shape:
+        _print_by_shape(ours_by_shape, theirs_by_shape)
+        out["by_shape"] = {"propagation": args.by_shape, "ours": ours_by_shape, "pytorch": theirs_by_shape}
     print(json.dumps(out))
     return 0
 
