@@ -34,7 +34,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Parser, existing_dir, positive_int, report  # noqa: E402
 
-from serving.client import EmbeddingClient, GrpcEmbeddingClient, embed_folder, find_images, read_embeddings  # noqa: E402
+from serving.client import EmbeddingClient, embed_folder, find_images, read_embeddings  # noqa: E402
+from serving.grpc_client import GrpcEmbeddingClient  # noqa: E402
 
 DEFAULT_FOLDER = os.path.join("data", "cifar10", "test")  # python make_cifar10_folder.py --out data/cifar10
 

@@ -26,9 +26,11 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving import client as client_module
+from serving import grpc_client as client_module
 from serving import local_server
-from serving.client import ClientError, GrpcEmbeddingClient, read_embeddings
+from serving.client import read_embeddings
+from serving.client_base import ClientError
+from serving.grpc_client import GrpcEmbeddingClient
 from simsiam_tf import export
 from simsiam_tf.config import make_config
 from simsiam_tf.diagnostics.embed import FeatureExtractor
@@ -346,7 +348,7 @@ def test_the_rest_client_imports_neither_grpc_nor_tensorflow():
             "print(sorted(m for m in ('grpc', 'google.protobuf', 'tensorflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
-    code = "import sys, serving.client as c; c._grpc_messages(); print('tensorflow' in sys.modules)"
+    code = "import sys, serving.grpc_client as c; c._grpc_messages(); print('tensorflow' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stdout + done.stderr
 
