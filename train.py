@@ -111,8 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--proj-dim",
         type=_positive_int,
-        help="output dimension of the projector (and of the predictor); the predictor's bottleneck follows "
-        "at a quarter of it unless --pred-dim is given (the paper's 2048/512)",
+        help="output dimension of the projector (and of the predictor); the projector's hidden width follows "
+        "it unless --proj-hidden-dim is given, the predictor's bottleneck a quarter of it unless --pred-dim is "
+        "given (the paper's 2048/512)",
+    )
+    p.add_argument(
+        "--proj-hidden-dim",
+        type=_positive_int,
+        help="width of the projector's hidden fc layers (the preset's; the paper's 2048, the official code's the "
+        "backbone's feature dimension)",
     )
     p.add_argument("--pred-dim", type=_positive_int, help="the predictor's hidden (bottleneck) dimension")
     p.add_argument("--knn-every", type=_positive_int, help="kNN monitor every N epochs (0 = off)")
@@ -179,7 +186,7 @@ FLAG_KEYS = (
     "dataset", "data_dir", "epochs", "batch_size", "weight_decay", "fix_pred_lr", "seed",
     "strategy", "cpu_replicas", "precision", "xla", "stop_gradient", "backbone", "width",
     "image_size", "knn_every", "knn_train_limit", "train_limit", "val_fraction", "diag_every", "input", "augment_on",
-    "data_service", "data_service_grace", "data_service_wire", "method", "temperature", "proj_dim", "pred_dim", "projector_images",
+    "data_service", "data_service_grace", "data_service_wire", "method", "temperature", "proj_dim", "proj_hidden_dim", "pred_dim", "projector_images",
 )
 
 

@@ -48,7 +48,13 @@ class TrainConfig:
     backbone: str = "resnet18"
     width: int = 64
     proj_layers: int = 2
+    # The projector's output width (z, and the predictor's input and output) and its
+    # hidden width, set apart (`--proj-hidden-dim`): the paper's hidden fc is 2048-d, and
+    # the official builder makes it the backbone's feature dimension (2048 for ResNet-50,
+    # 512 for ResNet-18). Unless given, the hidden width follows the output width
+    # (`make_config`), as it did before it had a setting of its own.
     proj_dim: int = 2048
+    proj_hidden_dim: int = 2048
     pred_dim: int = 512
     epochs: int = 800
     batch_size: int = 512
@@ -138,6 +144,7 @@ PRESETS: dict[str, TrainConfig] = {
         dataset="digits",
         width=16,
         proj_dim=512,
+        proj_hidden_dim=512,
         pred_dim=128,
         epochs=60,
         batch_size=128,
@@ -276,6 +283,8 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
         overrides = {**SIMCLR_PRESETS[preset], **overrides}
     if "dataset" not in overrides:
         overrides["dataset"] = base.dataset
+    if "proj_dim" in overrides and "proj_hidden_dim" not in overrides:
+        overrides["proj_hidden_dim"] = overrides["proj_dim"]
     config = base.replace(**overrides)
     validate(config)
     return config
@@ -342,7 +351,7 @@ def validate(c: TrainConfig) -> None:
     need(16 <= c.image_size <= 1024, f"--image-size must be in [16, 1024], got {c.image_size}")
     need(c.width >= 1, f"--width must be positive, got {c.width}")
     need(c.proj_layers in (2, 3), f"proj_layers must be 2 or 3, got {c.proj_layers}")
-    need(c.proj_dim >= 1 and c.pred_dim >= 1, "proj_dim and pred_dim must be positive")
+    need(c.proj_dim >= 1 and c.proj_hidden_dim >= 1 and c.pred_dim >= 1, "proj_dim, proj_hidden_dim and pred_dim must be positive")
     need(c.cpu_replicas >= 1, f"--cpu-replicas must be at least 1, got {c.cpu_replicas}")
     need(c.knn_every >= 0, f"--knn-every must be >= 0 (0 turns kNN off), got {c.knn_every}")
     need(c.knn_k >= 1, f"knn_k must be at least 1, got {c.knn_k}")
@@ -373,6 +382,8 @@ def load_config(path: str) -> TrainConfig:
     _check_keys(data)
     # Runs written before validation splits existed trained on the whole training split.
     data.setdefault("val_fraction", 0.0)
+    # Runs written before the projector's hidden width had a setting used the output width.
+    data.setdefault("proj_hidden_dim", data.get("proj_dim", TrainConfig.proj_dim))
     data["resume_changes"] = tuple(data.get("resume_changes", ()))
     config = TrainConfig(**data)
     validate(config)

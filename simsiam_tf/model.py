@@ -4,7 +4,9 @@ Architecture, as in facebookresearch/simsiam `simsiam/builder.py` and the paper:
 
 - Encoder f = backbone + projection MLP. "The projection MLP (in f) has BN applied to
   each fully-connected (fc) layer, including its output fc. Its output fc has no ReLU.
-  The hidden fc is 2048-d. This MLP has 3 layers." CIFAR uses 2 layers.
+  The hidden fc is 2048-d. This MLP has 3 layers." CIFAR uses 2 layers. The official
+  builder makes the hidden width the backbone's feature dimension (2048 for ResNet-50,
+  512 for ResNet-18); here it is `proj_hidden_dim`, apart from the output `proj_dim`.
 - Predictor h: "The prediction MLP (h) has BN applied to its hidden fc layers. Its
   output fc does not have BN or ReLU. This MLP has 2 layers." 2048 -> 512 -> 2048.
 
@@ -273,20 +275,23 @@ def build_backbone(
 
 
 def build_projector(
-    in_dim: int, dim: int = 2048, layers: int = 2, dtype: str = "float32", sync_bn: bool = False
+    in_dim: int, dim: int = 2048, layers: int = 2, dtype: str = "float32", sync_bn: bool = False,
+    hidden: int | None = None,
 ) -> keras.Model:
     """Projection MLP: fc-BN-ReLU x (layers - 1), then fc-BN without affine parameters.
 
-    Hidden width and output width are both `dim` (2048 in the paper). Output float32.
+    Hidden fcs are `hidden` wide (`dim` when None; 2048 in the paper), the output fc
+    `dim`. Output float32.
     """
+    hidden = dim if hidden is None else hidden
     b = _Builder(dtype, sync_bn)
     inputs = keras.Input((in_dim,), name="features")
     x, fan_in = inputs, in_dim
     for i in range(layers - 1):
-        x = b.dense(dim, fan_in, use_bias=False, name=f"fc{i + 1}")(x)
+        x = b.dense(hidden, fan_in, use_bias=False, name=f"fc{i + 1}")(x)
         x = b.bn(name=f"bn{i + 1}")(x)
         x = keras.layers.ReLU(dtype=dtype, name=f"relu{i + 1}")(x)
-        fan_in = dim
+        fan_in = hidden
     # The official code freezes this fc's bias because BN follows; it is left out here.
     x = b.dense(dim, fan_in, use_bias=False, name=f"fc{layers}")(x)
     z = b.bn(affine=False, name=f"bn{layers}", dtype="float32")(x)
@@ -542,7 +547,7 @@ def build_simsiam(config, sync_bn: bool = False) -> SimSiam:
     dtype = DTYPE_POLICIES[config.precision]
     backbone = build_backbone(config.backbone, config.image_size, config.width, dtype, sync_bn)
     feat_dim = backbone.output.shape[-1]
-    projector = build_projector(feat_dim, config.proj_dim, config.proj_layers, dtype, sync_bn)
+    projector = build_projector(feat_dim, config.proj_dim, config.proj_layers, dtype, sync_bn, config.proj_hidden_dim)
     predictor = build_predictor(config.proj_dim, config.pred_dim, dtype, sync_bn)
     model = SimSiam(
         backbone, projector, predictor, stop_gradient=config.stop_gradient,
@@ -558,7 +563,9 @@ def build_simclr(config, sync_bn: bool = False) -> SimCLR:
     weights), without the predictor."""
     dtype = DTYPE_POLICIES[config.precision]
     backbone = build_backbone(config.backbone, config.image_size, config.width, dtype, sync_bn)
-    projector = build_projector(backbone.output.shape[-1], config.proj_dim, config.proj_layers, dtype, sync_bn)
+    projector = build_projector(
+        backbone.output.shape[-1], config.proj_dim, config.proj_layers, dtype, sync_bn, config.proj_hidden_dim
+    )
     model = SimCLR(
         backbone, projector, temperature=config.temperature,
         view_augment=_view_augment(config), augment_seed=config.seed, name="simclr",

@@ -35,6 +35,21 @@ def test_projector_imagenet_three_layers():
     assert len(_layers(proj, keras.layers.ReLU)) == 2
 
 
+def test_projector_hidden_width_apart_from_its_output():
+    # The official builder's ResNet-18 projector: 512 -> 512 -> 512 hidden, then the output dim.
+    proj = model_lib.build_projector(512, dim=2048, layers=3, hidden=512)
+    dense = _layers(proj, keras.layers.Dense)
+    assert [(d.kernel.shape[0], d.units) for d in dense] == [(512, 512), (512, 512), (512, 2048)]
+    assert [b.gamma.shape[0] for b in _layers(proj, keras.layers.BatchNormalization)[:2]] == [512, 512]
+    assert proj.output.shape[-1] == 2048
+
+
+def test_a_config_builds_its_projectors_hidden_width():
+    config = make_config("digits", width=8, proj_dim=64, proj_hidden_dim=24, pred_dim=16)
+    projector = model_lib.build_model(config).projector
+    assert [(d.kernel.shape[0], d.units) for d in _layers(projector, keras.layers.Dense)] == [(64, 24), (24, 64)]
+
+
 def test_predictor_bottleneck_without_output_bn():
     pred = model_lib.build_predictor(2048, 512)
     dense = _layers(pred, keras.layers.Dense)

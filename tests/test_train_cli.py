@@ -86,6 +86,23 @@ def test_projector_dimension_flags_keep_the_papers_bottleneck():
     assert (config("--proj-dim", "2048").proj_dim, config("--proj-dim", "2048").pred_dim) == (2048, 512)
     assert config("--proj-dim", "256", "--pred-dim", "100").pred_dim == 100
     assert config("--pred-dim", "32").proj_dim == 512
+    # The projector's hidden width follows --proj-dim unless given (as before it had a flag).
+    assert config().proj_hidden_dim == 512
+    assert config("--proj-dim", "2048").proj_hidden_dim == 2048
+    both = config("--proj-dim", "2048", "--proj-hidden-dim", "512")
+    assert (both.proj_dim, both.proj_hidden_dim, both.pred_dim) == (2048, 512, 512)
+    assert config("--proj-hidden-dim", "128").proj_dim == 512
+
+
+def test_a_run_saved_before_the_hidden_width_setting_loads_with_its_old_projector(tmp_path):
+    from simsiam_tf.config import save_config
+
+    path = str(tmp_path / "config.json")
+    save_config(make_config("digits", proj_dim=256), path)
+    data = json.loads(open(path).read())
+    del data["proj_hidden_dim"]
+    open(path, "w").write(json.dumps(data))
+    assert load_config(path).proj_hidden_dim == 256  # not the class default 2048
 
 
 def test_fix_pred_lr_can_be_turned_on_and_off():
