@@ -1,6 +1,7 @@
 """Evaluate a trained encoder: weighted kNN and a linear probe on frozen features.
 
     python evaluate.py --run runs/20261128-034500                  # the checkpoint chosen on validation
+    python evaluate.py --run runs/20261128-034500 --checkpoint init  # the same protocol before training
     python evaluate.py --saved-model exports/simsiam/1             # exactly what is served, on its run's dataset
     python evaluate.py --saved-model exports/simsiam/1 --dataset folder:data/cifar10
 
@@ -47,9 +48,10 @@ def build_parser():
     p.add_argument(
         "--checkpoint",
         default="best",
-        choices=("best", "last"),
+        choices=("best", "last", "init"),
         help="with --run: best = the checkpoint chosen by kNN on the validation split (the last one when the run "
-        "has none), or last",
+        "has none), last, or init = the weights the run started from (its seed; BatchNorm statistics from the kNN "
+        "bank, as the run's 'before training' kNN)",
     )
     p.add_argument(
         "--dataset",
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
         if not os.path.isdir(out_dir):
             raise UsageError(f"--json {out!r}: directory {out_dir!r} does not exist")
         data, _ = input_lib.open_input(config)
+        if args.run and args.checkpoint == "init":
+            evaluation.calibrate_initial(embed, data, config)
         result = {"source": source, **evaluation.evaluate(
             embed, data, config.knn_k, config.knn_temperature, bank_limit=config.knn_train_limit,
         )}

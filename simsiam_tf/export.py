@@ -78,11 +78,20 @@ def checkpoint_selection(path: str) -> str:
     return f"test-selected (epoch {info.get('epoch', '?')}; chosen on the test split by an older version)"
 
 
+# `load_run(run_dir, INIT)`: the weights the run started from, rebuilt from its seed.
+INIT = "init"
+
+
 def load_run(run_dir: str, which: str = "best") -> tuple[TrainConfig, TwoViewModel, str]:
-    """Rebuild a run's model from config.json and load its checkpoint."""
+    """Rebuild a run's model from config.json and load its checkpoint ("best" or "last"),
+    or, for `INIT`, rebuild the initial weights training started from (the path
+    returned is then `INIT`)."""
     if not os.path.isdir(run_dir):
         raise UsageError(f"--run {run_dir!r} is not a directory")
     config = load_config(os.path.join(run_dir, "config.json"))
+    if which == INIT:
+        keras.utils.set_random_seed(config.seed)  # as training.build seeds the model it trains
+        return config, build_model(config), INIT
     path = checkpoint_path(run_dir, which)
     model = build_model(config)
     _load_model_weights(model, path)

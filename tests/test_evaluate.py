@@ -67,6 +67,19 @@ def test_run_and_its_saved_model_score_the_same_on_digits(exported, tmp_path, ca
     assert served["linear_probe"]["C"] == from_run["linear_probe"]["C"]
 
 
+def test_the_initial_weights_reproduce_the_runs_before_training_knn(exported, tmp_path, capsys):
+    # One protocol for "before" and "after": evaluate.py rebuilds the weights the run
+    # started from and scores them as the run's monitor did before its first step.
+    run_dir, _ = exported
+    out = str(tmp_path / "init.json")
+    code, printed, _ = _main(["--run", run_dir, "--checkpoint", "init", "--json", out], capsys)
+    assert code == 0 and "initial weights (seed 0)" in printed
+    init = json.loads(open(out).read())
+    summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    assert init["knn"]["top1"] == pytest.approx(summary["knn_top1_init"], abs=1e-9)
+    assert init["source"]["checkpoint"] == "init"
+
+
 def test_knn_and_linear_probe_match_a_direct_computation(exported, tmp_path, capsys):
     from simsiam_tf.diagnostics.embed import FeatureExtractor
 

@@ -36,7 +36,7 @@ OLD_EXPORT_DEFAULTS = (None, None, 0, 0.0, "auto", 0, 200, 0.1)
 def run_encoder(run_dir: str, which: str = "best") -> tuple[Embed, dict]:
     """The backbone of a run as an embedding function, and a description of it."""
     from simsiam_tf.diagnostics.embed import FeatureExtractor
-    from simsiam_tf.export import checkpoint_selection, load_run
+    from simsiam_tf.export import INIT, checkpoint_selection, load_run
 
     config, model, path = load_run(run_dir, which)
     extract = FeatureExtractor(model.backbone, config.image_size)
@@ -44,11 +44,20 @@ def run_encoder(run_dir: str, which: str = "best") -> tuple[Embed, dict]:
         "kind": "run",
         "path": run_dir,
         "checkpoint": path,
-        "selection": checkpoint_selection(path),
+        "selection": f"initial weights (seed {config.seed})" if path == INIT else checkpoint_selection(path),
         "image_size": config.image_size,
         **{key: getattr(config, key) for key in RUN_DATA_KEYS},
     }
     return extract, info
+
+
+def calibrate_initial(embed, data, config) -> None:
+    """Give a run's initial weights (`run_encoder(..., "init")`) BatchNorm statistics from
+    its kNN bank, as the training monitor does before its "before training" kNN
+    (`callbacks.KnnMonitor`), so that figure is reproduced."""
+    from simsiam_tf.diagnostics.embed import calibrate_batchnorm
+
+    calibrate_batchnorm(embed.backbone, data.eval_split("train", config.knn_train_limit), config.image_size)
 
 
 def resolve_saved_model(path: str) -> str:
