@@ -29,6 +29,7 @@ data and at --thresholds, with recall per kind, then one JSON line.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -111,6 +112,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="which images get copies, and the crop offsets")
     p.add_argument("--thresholds", default="0.98,0.99,0.995,0.998",
                    help="fixed cosine thresholds to score besides the chosen one (comma-separated)")
+    p.add_argument("--expected", type=float, default=1.0,
+                   help="serving.duplicates --expected: ordinary images allowed under the chosen threshold (default 1)")
+    p.add_argument("--save", metavar="DIR", help="also keep the embeddings file and the planted pairs "
+                   "(embeddings.jsonl, planted.json) in DIR, e.g. to run python -m serving.duplicates on them")
     args = p.parse_args(argv)
     try:
         fixed = [float(t) for t in args.thresholds.split(",") if t.strip()]
@@ -145,8 +150,13 @@ def main(argv=None) -> int:
                 return 1
         embed_seconds = time.monotonic() - started
         names, matrix, _ = load_embeddings(out)
+        if args.save:
+            os.makedirs(args.save, exist_ok=True)
+            shutil.copyfile(out, os.path.join(args.save, "embeddings.jsonl"))
+            with open(os.path.join(args.save, "planted.json"), "w") as f:
+                json.dump([{"original": a, "copy": b, "kind": k} for a, b, k in planted], f, indent=0)
         started = time.monotonic()
-        found = find_duplicates(matrix)
+        found = find_duplicates(matrix, expected=args.expected)
         find_seconds = time.monotonic() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -168,7 +178,7 @@ def main(argv=None) -> int:
         r["threshold"] = f"{r['threshold']:.6f}"
     report("planted_duplicates", rows, columns,
            {"run": args.run, "checkpoint": str(checkpoint), "images": args.images, "copies": len(planted),
-            "split": args.split, "seed": args.seed, "embed_seconds": round(embed_seconds, 1),
+            "split": args.split, "seed": args.seed, "expected": args.expected, "embed_seconds": round(embed_seconds, 1),
             "find_seconds": round(find_seconds, 2)})
     return 0
 
