@@ -245,8 +245,11 @@ def write_sheets(folder: str, root: str | None, rows: list[dict]) -> int:
     by_cluster: dict[int, list[dict]] = {}
     for r in rows:
         by_cluster.setdefault(r["cluster"], []).append(r)
+
+    def path(r):
+        return os.path.join(root or "", r["image"])
+
     for number, members in by_cluster.items():
-        path = lambda r: os.path.join(root or "", r["image"])  # noqa: E731
         first, others = members[0], members[1 : SHEET_MEMBERS]
         row = (path(first), f"cluster {number} ({len(members)})",
                [(path(r), f"{r['similarity']:.4f}", None) for r in others])
