@@ -13,7 +13,8 @@ it, so memory is 1,024 x N floats, never N x N.
 
 The threshold, when --threshold is not given, comes from the nearest-neighbour
 distances d = 1 - cosine to the most similar other image. For ordinary images they
-follow a Weibull law; fitted on the median and the 90th percentile (which near-copies
+are modelled by a Weibull law (exact for points spread evenly; on real embeddings it
+expects more close neighbours than there are, so the cut is cautious); fitted on the median and the 90th percentile (which near-copies
 do not reach), the threshold is the distance under which the law expects --expected
 (default 1) ordinary images by chance. The fit is repeated without the images under the
 threshold (starting from the upper half) until it stops changing; on constructed
@@ -100,8 +101,10 @@ def nearest_similarities(matrix: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
 def choose_threshold(nearest: np.ndarray, expected: float = EXPECTED) -> Threshold:
     """The cosine at or above which a pair is a near-duplicate, from nearest-neighbour cosines.
 
-    An ordinary image's distance d = 1 - cosine to its nearest neighbour follows, to a
-    good approximation, a Weibull law P(d < r) = 1 - exp(-(r / scale) ** shape). Its
+    An ordinary image's distance d = 1 - cosine to its nearest neighbour is modelled by a
+    Weibull law P(d < r) = 1 - exp(-(r / scale) ** shape), exact for points spread evenly
+    (shape: about the intrinsic dimension / 2). On real embeddings it expected more very
+    close ordinary neighbours than there were (serving/README.md), so the cut is cautious. Its
     shape and scale are fitted to the median and the 90th percentile of log d, which
     near-copies (the low end) barely move. The threshold is the distance under which
     the fit expects `expected` of the ordinary images. The first fit uses the upper half
