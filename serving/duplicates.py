@@ -12,11 +12,12 @@ rows are l2-normalised, and each chunk of 1,024 rows is multiplied with the rows
 it, so memory is 1,024 x N floats, never N x N.
 
 The threshold, when --threshold is not given, comes from the nearest-neighbour
-distances d = 1 - cosine to the most similar other image. For ordinary images they
-are modelled by a Weibull law (exact for points spread evenly; on real embeddings it
-expects more close neighbours than there are, so the cut is cautious); fitted on the median and the 90th percentile (which near-copies
-do not reach), the threshold is the distance under which the law expects --expected
-(default 1) ordinary images by chance. The fit is repeated without the images under the
+distances d = 1 - cosine to the most similar other image. For ordinary images they are
+modelled by a Weibull law, fitted on the median and the 90th percentile (which
+near-copies do not reach). The threshold is the distance under which the law expects
+--expected (default 1) ordinary images by chance. The law is exact for evenly spread
+points; on real embeddings it expected more close neighbours than there were, so the
+cut is cautious (serving/README.md). The fit is repeated without the images under the
 threshold (starting from the upper half) until it stops changing; on constructed
 embeddings it held with 40% of the images in near-copy pairs (tests/test_duplicates.py).
 The command prints the distribution and the threshold it chose.
