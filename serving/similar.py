@@ -27,6 +27,9 @@ times to fit in memory, and FAISS runs the same search on GPUs.
 images whose class (first folder of the name) is the query's, averaged over queries.
 With `--queries-from` the same file as `--embeddings`, each image is left out of its
 own neighbours (leave-one-out).
+
+Near-duplicates (pairs above a cosine threshold, grouped into clusters) are a command of
+their own, built on this module's helpers: `python -m serving.duplicates` (serving/duplicates.py).
 """
 
 from __future__ import annotations
