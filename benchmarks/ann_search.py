@@ -102,7 +102,9 @@ def worker(args) -> dict:
         if args.embeddings:
             bank = np.concatenate([v for _, v, _ in iter_batches(args.embeddings)])
         else:
-            bank = np.concatenate(list(collection(args)))
+            bank = np.empty((args.count, args.dim), np.float32)  # filled in place: one matrix, no copies
+            for start, chunk in zip(range(0, args.count, CHUNK), collection(args)):
+                bank[start : start + len(chunk)] = chunk
         result["load_s"] = time.perf_counter() - started
         started, cpu = time.perf_counter(), time.process_time()
         ids, _ = top_k(queries, bank, args.k, exclude, chunk=128)

@@ -1,11 +1,11 @@
 """An approximate nearest-neighbour index of served embeddings, for large collections.
 
     pip install -r requirements-search.txt                              # usearch (optional extra)
-    python -m serving.index build --embeddings train.jsonl --index train.usearch
+    python -m serving.index --embeddings train.jsonl --index train.usearch
     python -m serving.similar --index train.usearch --queries-from test.jsonl --precision-at 10
     python -m serving.similar --index train.usearch --root photos --query cat/0001.jpg --k 8
 
-`build` reads the JSON lines of `python -m serving.client --folder` in one streaming
+The build reads the JSON lines of `python -m serving.client --folder` in one streaming
 pass, a few thousand lines at a time, so memory is the index's, not a float32 matrix
 of all the embeddings. The index is an HNSW graph (usearch by default, FAISS with
 `--library faiss`) over l2-normalised vectors stored as float16 (`--dtype`), searched
@@ -198,7 +198,7 @@ class AnnIndex:
         if library == "usearch":
             native = lib.Index.restore(path, view=view)
             if native is None:
-                raise ClientError(f"{path} is not a usearch index; build it with python -m serving.index build")
+                raise ClientError(f"{path} is not a usearch index; build it with python -m serving.index")
         else:
             native = lib.read_index(path, lib.IO_FLAG_MMAP if view else 0)
         return cls(library, dim, dtype, threads=threads, _native=native)
@@ -253,26 +253,24 @@ def open_index(path: str, threads: int = 0, view: bool = False) -> tuple[AnnInde
     names_path = _names_path(path)
     for p in (path, names_path):
         if not os.path.exists(p):
-            raise ClientError(f"{p} does not exist; build it with python -m serving.index build --index {path}")
+            raise ClientError(f"{p} does not exist; build it with python -m serving.index --index {path}")
     with open(names_path, encoding="utf-8") as f:
         try:
             header = json.loads(f.readline())
             names = [json.loads(line) for line in f]
         except ValueError:
-            raise ClientError(f"{names_path} is not an index's names file; rebuild with python -m serving.index build")
+            raise ClientError(f"{names_path} is not an index's names file; rebuild with python -m serving.index")
     index = AnnIndex.load(path, header["library"], header["dim"], header["dtype"], threads=threads, view=view)
     if len(index) != len(names) or len(names) != header["count"]:
         raise ClientError(f"{path} holds {len(index)} vectors but {names_path} {len(names)} names; "
-                          "rebuild both with python -m serving.index build")
+                          "rebuild both with python -m serving.index")
     return index, names, header
 
 
 def build_parser():
     from simsiam_tf.cli import Parser
 
-    p = Parser(prog="python -m serving.index", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build an index from a JSON-lines embeddings file")
+    b = Parser(prog="python -m serving.index", description=__doc__)
     b.add_argument("--embeddings", required=True, help="JSON-lines file of python -m serving.client --folder")
     b.add_argument("--index", required=True, help="index file to write (and INDEX.names beside it)")
     b.add_argument("--library", choices=LIBRARIES, default="usearch", help="usearch (default) or faiss")
@@ -281,7 +279,7 @@ def build_parser():
     b.add_argument("--connectivity", default=CONNECTIVITY, type=_whole, help=f"HNSW links per node (M, default {CONNECTIVITY})")
     b.add_argument("--expansion-add", default=EXPANSION_ADD, type=_whole,
                    help=f"HNSW search depth while adding (efConstruction, default {EXPANSION_ADD})")
-    return p
+    return b
 
 
 def _whole(text):
