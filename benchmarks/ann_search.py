@@ -15,7 +15,7 @@ method itself needs.
 Each method runs in its own process, one after the other, so that its peak resident
 memory (ru_maxrss) is its own: exact search (serving/similar.py's top_k on a float32
 matrix, 128 queries per matrix product), usearch and FAISS HNSW (float16 vectors,
-M 16, efConstruction 128, ef 64, the same settings for both), each built by
+M 16, efConstruction 128, the same settings for both; searched with each `--ef`, 64 by default), each built by
 serving/index.py's AnnIndex, saved, loaded and queried. `--embeddings FILE` builds
 from a client's JSON lines with `serving.index.build` (the streaming pass) instead;
 its build time then includes reading the JSON. Columns: build wall and CPU seconds,
@@ -145,10 +145,16 @@ def worker(args) -> dict:
         started = time.perf_counter()
         index = AnnIndex.load(path, method, queries.shape[1], "f16", threads=args.threads)
         result["load_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        ids, _ = index.search(queries, args.k, exclude)
-        result["qps_batch"] = len(queries) / (time.perf_counter() - started)
-        result["qps_1"] = batch_one(lambda q, i=[0]: index.search(q, args.k), queries, len(queries))
+        sweep = []
+        for ef in args.ef:  # HNSW's ef: the same built index, searched wider or narrower
+            index.set_expansion_search(ef)
+            started = time.perf_counter()
+            found, _ = index.search(queries, args.k, exclude)
+            qps_batch = len(queries) / (time.perf_counter() - started)
+            qps_1 = batch_one(lambda q: index.search(q, args.k), queries, len(queries))
+            sweep.append({"ef": ef, "qps_batch": qps_batch, "qps_1": qps_1})
+            ids = found if ef == args.ef[0] else np.concatenate([ids, found])
+        result["sweep"] = sweep
         for name in os.listdir(folder):
             os.remove(os.path.join(folder, name))
         os.rmdir(folder)
@@ -173,10 +179,15 @@ def build_parser():
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="threads per method (default: cores)")
     p.add_argument("--batch-one-exact", type=positive_int, default=100,
                    help="queries exact search answers one by one (default 100; each reads the whole matrix)")
+    p.add_argument("--ef", type=_ef_list, default=[64], help="HNSW ef values to search with, comma-separated (default 64)")
     p.add_argument("--seed", type=positive_int, default=1)
     p.add_argument("--worker", choices=METHODS, help=argparse_hidden())
     p.add_argument("--ids-out", help=argparse_hidden())
     return p
+
+
+def _ef_list(text):
+    return [positive_int(t) for t in text.split(",")]
 
 
 def argparse_hidden():
@@ -223,18 +234,20 @@ def main(argv=None) -> int:
             ids = np.load(ids_out)
             if exact is None:
                 exact = ids
-            row[f"recall@{args.k}"] = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids, exact)]))
             row["mib"] = row.pop("bytes") / 2**20
-            rows.append(row)
+            for i, point in enumerate(row.pop("sweep", [{}])):  # one row per ef
+                found = ids[i * len(exact) : (i + 1) * len(exact)]
+                point[f"recall@{args.k}"] = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(found, exact)]))
+                rows.append({**row, **point})
             print(f"ann_search: {m} done in {row['wall_s']:.0f} s", file=sys.stderr, flush=True)
     data = ({"embeddings": args.embeddings, "query_embeddings": args.query_embeddings} if args.embeddings else
             {"count": args.count, "dim": args.dim, "clusters": args.clusters, "noise": args.noise, "seed": args.seed})
-    report("ann_search", rows, [("method", "method"), ("build_s", "build s"), ("build_cpu_s", "build CPU s"),
+    report("ann_search", rows, [("method", "method"), ("ef", "ef"), ("build_s", "build s"), ("build_cpu_s", "build CPU s"),
                                 ("peak_rss_mib", "peak RSS MiB"), ("mib", "index/matrix MiB"), ("load_s", "load s"),
                                 ("qps_1", "queries/s, batch 1"), ("qps_batch", f"queries/s, batch {args.queries}"),
                                 (f"recall@{args.k}", f"recall@{args.k}")],
            {**data, "queries": args.queries, "k": args.k, "threads": args.threads, "versions": versions,
-            "hnsw": {"M": 16, "efConstruction": 128, "ef": 64, "dtype": "f16"}})
+            "hnsw": {"M": 16, "efConstruction": 128, "dtype": "f16"}})
     return 0
 
 

@@ -179,6 +179,13 @@ class AnnIndex:
         order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -sims), axis=1)[:, :k]
         return np.take_along_axis(ids, order, axis=1), np.take_along_axis(sims, order, axis=1)
 
+    def set_expansion_search(self, ef: int) -> None:
+        """HNSW's ef at query time: candidates kept while searching (more: higher recall, slower)."""
+        if self.library == "usearch":
+            self.native.expansion_search = ef
+        else:
+            self._lib.downcast_index(self.native).hnsw.efSearch = ef
+
     def vector(self, i: int) -> np.ndarray:
         """The stored (unit, `dtype`-rounded) vector of id i, as float32."""
         if self.library == "usearch":
