@@ -239,7 +239,9 @@ def main(argv=None) -> int:
                 found = ids[i * len(exact) : (i + 1) * len(exact)]
                 point[f"recall@{args.k}"] = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(found, exact)]))
                 rows.append({**row, **point})
-            print(f"ann_search: {m} done in {row['wall_s']:.0f} s", file=sys.stderr, flush=True)
+            # Each method's rows as soon as it ends: a long run stopped part-way keeps what it measured.
+            print(f"ann_search: {m} done in {row['wall_s']:.0f} s: {json.dumps(rows[-len(ids) // len(exact):])}",
+                  file=sys.stderr, flush=True)
     data = ({"embeddings": args.embeddings, "query_embeddings": args.query_embeddings} if args.embeddings else
             {"count": args.count, "dim": args.dim, "clusters": args.clusters, "noise": args.noise, "seed": args.seed})
     report("ann_search", rows, [("method", "method"), ("ef", "ef"), ("build_s", "build s"), ("build_cpu_s", "build CPU s"),
