@@ -19,8 +19,9 @@ M 16, efConstruction 128, the same settings for both; searched with each `--ef`,
 serving/index.py's AnnIndex, saved, loaded and queried. `--embeddings FILE` builds
 from a client's JSON lines with `serving.index.build` (the streaming pass) instead;
 its build time then includes reading the JSON. Columns: build wall and CPU seconds,
-peak RSS, the saved index's bytes, queries/s one query at a time (batch 1) and
-`--queries` at once, and recall@k: the fraction of exact search's k nearest that the
+peak RSS, the saved index's bytes, queries/s and CPU milliseconds per query (all
+threads; steadier than queries/s when other jobs share the cores) one query at a
+time (batch 1) and `--queries` at once, and recall@k: the fraction of exact search's k nearest that the
 index returns, averaged over queries.
 """
 
@@ -109,6 +110,7 @@ def worker(args) -> dict:
         started, cpu = time.perf_counter(), time.process_time()
         ids, _ = top_k(queries, bank, args.k, exclude, chunk=128)
         result["qps_batch"] = len(queries) / (time.perf_counter() - started)
+        result["cpu_ms_batch"] = 1000 * (time.process_time() - cpu) / len(queries)
         unit = bank  # already unit length: the batch-1 loop skips top_k's normalising copy
 
         def one(q, i=[0]):
@@ -118,7 +120,9 @@ def worker(args) -> dict:
             i[0] += 1
             return np.argpartition(-s, args.k)[: args.k]
 
+        cpu = time.process_time()
         result["qps_1"] = batch_one(one, queries, min(len(queries), args.batch_one_exact))
+        result["cpu_ms_1"] = 1000 * (time.process_time() - cpu) / min(len(queries), args.batch_one_exact)
         result["bytes"] = bank.nbytes
     else:
         from serving.index import AnnIndex, build
@@ -148,11 +152,14 @@ def worker(args) -> dict:
         sweep = []
         for ef in args.ef:  # HNSW's ef: the same built index, searched wider or narrower
             index.set_expansion_search(ef)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             found, _ = index.search(queries, args.k, exclude)
             qps_batch = len(queries) / (time.perf_counter() - started)
+            cpu_batch, cpu = 1000 * (time.process_time() - cpu) / len(queries), time.process_time()
             qps_1 = batch_one(lambda q: index.search(q, args.k), queries, len(queries))
-            sweep.append({"ef": ef, "qps_batch": qps_batch, "qps_1": qps_1})
+            cpu_1 = 1000 * (time.process_time() - cpu) / len(queries)
+            # CPU ms per query (all threads): steadier than queries/s when other jobs share the cores.
+            sweep.append({"ef": ef, "qps_batch": qps_batch, "qps_1": qps_1, "cpu_ms_batch": cpu_batch, "cpu_ms_1": cpu_1})
             ids = found if ef == args.ef[0] else np.concatenate([ids, found])
         result["sweep"] = sweep
         for name in os.listdir(folder):
@@ -247,6 +254,7 @@ def main(argv=None) -> int:
     report("ann_search", rows, [("method", "method"), ("ef", "ef"), ("build_s", "build s"), ("build_cpu_s", "build CPU s"),
                                 ("peak_rss_mib", "peak RSS MiB"), ("mib", "index/matrix MiB"), ("load_s", "load s"),
                                 ("qps_1", "queries/s, batch 1"), ("qps_batch", f"queries/s, batch {args.queries}"),
+                                ("cpu_ms_1", "CPU ms/query, batch 1"), ("cpu_ms_batch", f"CPU ms/query, batch {args.queries}"),
                                 (f"recall@{args.k}", f"recall@{args.k}")],
            {**data, "queries": args.queries, "k": args.k, "threads": args.threads, "versions": versions,
             "hnsw": {"M": 16, "efConstruction": 128, "dtype": "f16"}})
