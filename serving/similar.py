@@ -4,6 +4,7 @@
     python -m serving.similar --embeddings photos.jsonl --root photos \\
         --query cat.jpg dogs/ --k 8 --out sheet.png                     # files, folders, or names
     python -m serving.similar --embeddings train.jsonl --queries-from test.jsonl --precision-at 10
+    python -m serving.similar --index train.usearch --queries-from test.jsonl --precision-at 10   # approximate
 
 A query is a name in the embeddings file (its stored vector; the image itself is left
 out of its neighbours), an image file, or a folder of images; files and folders are
@@ -18,10 +19,11 @@ per chunk of queries, and `np.argpartition` picks the top k without sorting the
 whole row. 10,000 queries against 50,000 images of 128 dimensions took 16 s on a
 2-core AMD EPYC, AVX2, 2026-12-03 (serving/README.md), most of it in `argpartition`, not in the
 matrix products.
-At millions of images use FAISS (or ScaNN): their inverted-file, product-quantised and
-graph (HNSW) indices search a fraction of the collection instead of all of it
-(sub-linear time, for a small, measurable loss of recall), compress the vectors several
-times to fit in memory, and FAISS runs the same search on GPUs.
+At millions of images build an approximate index once (`python -m serving.index`,
+an optional extra: `pip install -r requirements-search.txt`) and pass `--index PATH`
+instead of `--embeddings`: the same queries and output, from an HNSW graph that visits
+a small part of the collection (serving/index.py; serving/README.md, "Large
+collections", has its speed and recall).
 
 `--precision-at K` measures retrieval: for every query, the fraction of its K nearest
 images whose class (first folder of the name) is the query's, averaged over queries.
@@ -105,9 +107,10 @@ def label_of(name: str) -> str | None:
 
 def precision_at(bank_labels: list, query_labels: list, indices: np.ndarray) -> float:
     """Mean over queries of the fraction of their retrieved images (`indices` [Q, k]) whose
-    label is the query's."""
+    label is the query's; an id of -1 (an approximate index found fewer) counts as a miss."""
     bank_labels = np.asarray(bank_labels)
-    return float(np.mean(bank_labels[indices] == np.asarray(query_labels)[:, None]))
+    same = bank_labels[indices] == np.asarray(query_labels)[:, None]
+    return float(np.mean(same & (indices >= 0)))
 
 
 def contact_sheet(rows: list[tuple[str, str, list[tuple[str, str, bool | None]]]], k: int, cell: int = CELL):
@@ -140,14 +143,16 @@ def contact_sheet(rows: list[tuple[str, str, list[tuple[str, str, bool | None]]]
     return sheet
 
 
-def _queries(args, names, matrix, version):
-    """(query names, vectors [Q, D], bank row to exclude per query or -1, image paths)."""
+def _queries(args, names, vector_of, version):
+    """(query names, vectors [Q, D], bank row to exclude per query or -1, image paths).
+
+    `vector_of(i)` is bank row i's vector (a row of the matrix, or the index's stored one)."""
     index = {n: i for i, n in enumerate(names)}
     q_names, vectors, exclude, paths, to_embed = [], [], [], [], []
     for query in args.query:
         if query in index:
             q_names.append(query)
-            vectors.append(matrix[index[query]])
+            vectors.append(vector_of(index[query]))
             exclude.append(index[query])
             paths.append(os.path.join(args.root, query) if args.root else query)
         elif os.path.isfile(query) or os.path.isdir(query):
@@ -159,7 +164,8 @@ def _queries(args, names, matrix, version):
                 paths.append(path)
                 to_embed.append(len(vectors) - 1)
         else:
-            raise ClientError(f"--query {query!r} is not a name in {args.embeddings}, nor an image file or folder")
+            raise ClientError(f"--query {query!r} is not a name in {args.embeddings or args.index}, "
+                              "nor an image file or folder")
     if to_embed:
         client = EmbeddingClient(args.url, args.model, version=version)
         images = []
@@ -189,7 +195,8 @@ def _at_least_1(text):
 
 def build_parser():
     p = Parser(prog="python -m serving.similar", description=__doc__)
-    p.add_argument("--embeddings", required=True, help="JSON-lines file of python -m serving.client --folder")
+    p.add_argument("--embeddings", help="JSON-lines file of python -m serving.client --folder (exact search)")
+    p.add_argument("--index", help="instead of --embeddings: an approximate index of python -m serving.index")
     p.add_argument("--root", help="the --folder the embeddings' names are relative to (for the sheet's images)")
     p.add_argument("--query", nargs="+", default=[], help="names in --embeddings, image files or folders")
     p.add_argument("--k", type=_at_least_1, default=8, help="neighbours per query (default 8)")
@@ -205,23 +212,33 @@ def build_parser():
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if bool(args.embeddings) == bool(args.index):
+        p.error("give --embeddings FILE (exact search) or --index PATH (approximate; one of them)")
     if bool(args.query) == bool(args.queries_from):
         p.error("give --query ... or --queries-from FILE (one of them)")
     if args.queries_from and not args.precision_at:
         p.error("--queries-from goes with --precision-at K")
+    ann = None
     try:
-        names, matrix, version = load_embeddings(args.embeddings)
+        if args.index:
+            from serving.index import open_index
+
+            ann, names, header = open_index(args.index)
+            matrix, version, source, vector_of = None, header["model_version"], header["embeddings"], ann.vector
+        else:
+            names, matrix, version = load_embeddings(args.embeddings)
+            source, vector_of = args.embeddings, matrix.__getitem__
         if args.queries_from:
             q_names, queries, q_version = load_embeddings(args.queries_from)
             if q_version != version:
-                raise ClientError(f"{args.queries_from} (model version {q_version}) and {args.embeddings} "
+                raise ClientError(f"{args.queries_from} (model version {q_version}) and {args.embeddings or args.index} "
                                   f"(version {version}) come from different models; embed both with one version")
             paths = None
             # The same file as queries and bank: an image is not its own neighbour.
-            same = os.path.samefile(args.queries_from, args.embeddings)
+            same = os.path.exists(source) and os.path.samefile(args.queries_from, source)
             exclude = np.arange(len(names)) if same else None
         else:
-            q_names, queries, exclude, paths = _queries(args, names, matrix, version)
+            q_names, queries, exclude, paths = _queries(args, names, vector_of, version)
     except ClientError as e:
         print(f"similar: error: {e}", file=sys.stderr)
         return 1
@@ -230,7 +247,12 @@ def main(argv=None) -> int:
         return 1
     k = args.precision_at or args.k
     started = time.monotonic()
-    indices, sims = top_k(queries, matrix, k, exclude)
+    if ann is None:
+        indices, sims = top_k(queries, matrix, k, exclude)
+        method = "exact cosine search"
+    else:
+        indices, sims = ann.search(queries, min(k, len(names) - (exclude is not None)), exclude)
+        method = f"approximate search, {ann.library} HNSW {ann.dtype},"
     seconds = time.monotonic() - started
     if args.precision_at:
         labels = [label_of(n) for n in names]
@@ -239,11 +261,12 @@ def main(argv=None) -> int:
             print("similar: error: --precision-at needs names of the form <class>/<image> in both files", file=sys.stderr)
             return 2
         print(f"precision@{k}: {precision_at(labels, q_labels, indices):.4f} "
-              f"({len(q_names)} queries against {len(names)} images, exact cosine search in {seconds:.2f} s)")
+              f"({len(q_names)} queries against {len(names)} images, {method} in {seconds:.2f} s)")
         return 0
     rows = []
     classes = {label_of(n) for n in names} - {None}
     for name, path, idx, sim in zip(q_names, paths, indices, sims):
+        idx, sim = idx[idx >= 0], sim[idx >= 0]  # an approximate index may find fewer than k
         print(name + ": " + ", ".join(f"{names[j]} ({s:.3f})" for j, s in zip(idx, sim)))
         # A query file in a folder named like one of the bank's classes is of that class.
         parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
