@@ -27,6 +27,9 @@ from common import Parser, existing_dir, positive_int, report  # noqa: E402
 
 def read_run(path: str, by: str, last: int) -> dict:
     """The swept value, the validation score that chooses and the last test kNN of a run."""
+    for name in ("config.json", "summary.json"):
+        if not os.path.exists(os.path.join(path, name)):
+            raise SystemExit(f"error: {path} has no {name}; pass run directories written by train.py")
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     if by not in config:

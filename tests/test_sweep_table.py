@@ -45,7 +45,11 @@ def test_the_best_mean_of_the_last_evaluations_on_validation_is_chosen(tmp_path)
 def test_too_few_evaluations_or_a_missing_key_is_one_line(tmp_path):
     run = _run(tmp_path, "r", 0.8, 0, [0.5, 0.6], test=0.5)
     script = os.path.join(REPO, "benchmarks", "sweep_table.py")
-    for args, message in (([], "fewer than --last 3"), (["--by", "width"], "has no key 'width'")):
-        result = subprocess.run([sys.executable, script, "--run", run, *args], capture_output=True, text=True, timeout=60)
+    started = tmp_path / "started"  # a run still in its first epoch: config.json only
+    started.mkdir()
+    (started / "config.json").write_text(json.dumps({"base_lr": 0.8, "seed": 0}))
+    for runs, args, message in (([run], [], "fewer than --last 3"), ([run], ["--by", "width"], "has no key 'width'"),
+                                ([str(started), run], [], "has no summary.json")):
+        result = subprocess.run([sys.executable, script, "--run", *runs, *args], capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
