@@ -17,8 +17,8 @@ from simsiam_tf.config import UsageError, load_config, make_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(args, cwd, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+def _train(args, cwd, timeout=300, env=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # importing simsiam_tf here set it; train.py must by itself
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "train.py"), *args],
@@ -169,6 +169,21 @@ def test_mirrored_run_on_two_cpu_replicas(tmp_path):
     # kernels are on (the step is 1.5x slower without them on an AVX2 CPU).
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert "kernels: oneDNN (TF_ENABLE_ONEDNN_OPTS=1)" in result.stdout
+
+
+def test_one_thread_makes_a_run_bit_reproducible(tmp_path):
+    # Multi-threaded CPU kernels add partial sums in a varying order, so two runs of one
+    # seed drift apart after the first epoch (docs/contrastive.md, "Reruns"); with one
+    # thread per pool they are identical, as that page tells users who need it.
+    one_thread = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+    histories = []
+    for name in ("a", "b"):
+        logdir = tmp_path / name
+        args = [*TINY_FLAGS, "--epochs", "3", "--knn-every", "0", "--diag-every", "0", "--projector-images", "0"]
+        result = _train([*args, "--logdir", str(logdir)], cwd=tmp_path, env=one_thread)
+        assert result.returncode == 0, result.stderr
+        histories.append([(h["loss"], h["z_std"]) for h in json.loads((logdir / "summary.json").read_text())["history"]])
+    assert len(histories[0]) == 3 and histories[0] == histories[1]
 
 
 def test_existing_logdir_is_not_overwritten(tmp_path):
