@@ -141,7 +141,7 @@ def test_out_of_memory_outside_a_step_says_how_to_start_again(tmp_path, monkeypa
 def test_divergence_advises_a_resume_at_half_the_lr_and_it_runs_at_that_rate(tmp_path, monkeypatch, capsys):
     logdir = str(tmp_path / "run")
     _patch_run(monkeypatch, _PoisonAt(1))
-    assert train.main([*TINY, "--epochs", "2", "--logdir", logdir]) == 3
+    assert train.main([*TINY, "--epochs", "2", "--lr", "0.8", "--logdir", logdir]) == 3
     line = _one_error_line(capsys.readouterr().err)
     assert "loss became nan at step 3 (epoch 2)" in line and "last good checkpoint (epoch 1)" in line
     assert f"Continue at half the learning rate with: python train.py --resume {logdir} --lr 0.4" in line
