@@ -170,18 +170,22 @@ def read_embeddings(path: str) -> tuple[list[dict], int]:
     with open(path, "rb") as f:
         data = f.read()
     end = data.rfind(b"\n") + 1
-    records = []
-    for number, line in enumerate(data[:end].splitlines(), 1):
-        try:
-            record = json.loads(line)
-            ok = isinstance(record["image"], str) and isinstance(record["embedding"], list)
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise ClientError(f"{path}, line {number}: not an embeddings record ({_snippet(line)}); "
-                              "pass another --out, or delete the file to start over")
-        records.append(record)
+    advice = "pass another --out, or delete the file to start over"
+    records = [parse_record(line, path, number, advice) for number, line in enumerate(data[:end].splitlines(), 1)]
     return records, end
+
+
+def parse_record(line: bytes, path: str, number: int, advice: str) -> dict:
+    """Line `number` of the embeddings file `path` as its record, or a ClientError that
+    names the line and ends with `advice`."""
+    try:
+        record = json.loads(line)
+        ok = isinstance(record["image"], str) and isinstance(record["embedding"], list)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ClientError(f"{path}, line {number}: not an embeddings record ({_snippet(line)}); {advice}")
+    return record
 
 
 def _served_version(client: "BaseEmbeddingClient") -> int:

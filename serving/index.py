@@ -30,7 +30,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `serving` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from serving.client import ClientError  # noqa: E402
+from serving.client import ClientError, parse_record  # noqa: E402
 
 INSTALL = "pip install -r requirements-search.txt"
 LIBRARIES = ("usearch", "faiss")
@@ -63,15 +63,7 @@ def iter_records(path: str):
         for number, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 return  # a killed client's half-written last line
-            try:
-                record = json.loads(line)
-                ok = isinstance(record["image"], str) and isinstance(record["embedding"], list)
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                raise ClientError(f"{path}, line {number}: not an embeddings record ({line[:60]!r}); "
-                                  "pass a file written by python -m serving.client --folder")
-            yield number, record
+            yield number, parse_record(line, path, number, "pass a file written by python -m serving.client --folder")
 
 
 def iter_batches(path: str, size: int = BATCH):
