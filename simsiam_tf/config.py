@@ -137,7 +137,7 @@ PRESETS: dict[str, TrainConfig] = {
     # A narrow ResNet-18 (widths 16-32-64-128) with 512-d heads: the paper's full-width
     # recipe needs far more steps than 2 cores allow before kNN beats random features.
     # base_lr 1.6 (lr 0.8 at batch 128): the best mean validation kNN of a 30-epoch sweep
-    # over 0.4-6.4 with several seeds per rate (docs/training.md has the table; the
+    # over 0.4-6.4, four seeds at 0.8 and 1.6 (docs/training.md has the table; the
     # earlier 0.8 had been chosen on test kNN).
     "digits": TrainConfig(
         preset="digits",
