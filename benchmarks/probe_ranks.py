@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Parser, existing_dir, report  # noqa: E402
+from common import Parser, existing_dir, positive_int, report  # noqa: E402
 
 
 def probe_ranks(run_dir: str, views: int, which: str) -> dict:
@@ -50,7 +50,7 @@ def probe_ranks(run_dir: str, views: int, which: str) -> dict:
 def main(argv=None) -> int:
     p = Parser(prog="probe_ranks.py", description=__doc__)
     p.add_argument("--run", nargs="+", required=True, type=existing_dir, help="run directories written by train.py")
-    p.add_argument("--views", type=int, default=32, help="views per probe image (default 32; training's probe uses 8)")
+    p.add_argument("--views", type=positive_int, default=32, help="views per probe image (default 32; training's probe uses 8)")
     p.add_argument("--checkpoint", default="last", choices=("last", "best"), help="which weights (default last)")
     args = p.parse_args(argv)
     if args.views < 2:
