@@ -225,21 +225,9 @@ class LiteRTEncoder:
 # The conversion side: TensorFlow.
 
 
-def float32_model(model, config):
-    """The trained weights in a float32 network (a float32 run's model is returned as is)."""
-    if config.precision == "float32":
-        return model
-    from simsiam_tf.model import build_model
-
-    twin = build_model(config.replace(precision="float32", augment_on="host"))
-    for mine, theirs in ((twin.backbone, model.backbone), (twin.projector, model.projector)):
-        mine.set_weights(theirs.get_weights())
-    return twin
-
-
 def pixels_function(model, config, output: str = "features", normalize: bool = False):
     """The traced function converted: uint8 [None, S, S, 3] -> {"embedding": float32 [None, D]}.
-    `model` computes in float32 (`float32_model`)."""
+    `model` computes in float32 (`export.float32_twin`)."""
     import tensorflow as tf
 
     from simsiam_tf import augment as aug
@@ -265,7 +253,9 @@ def convert(model, config, output: str = "features", normalize: bool = False, qu
 
     if quantize not in QUANTIZE:
         raise UsageError(f"--quantize {quantize!r}: choose none or dynamic")
-    model = float32_model(model, config)
+    from simsiam_tf.export import float32_twin
+
+    model = float32_twin(model, config)
     serve = pixels_function(model, config, output, normalize)
     dim = int(serve.get_concrete_function().structured_outputs["embedding"].shape[-1])
     # Through a SavedModel, because its converter freezes the variables into constants;
