@@ -140,7 +140,7 @@ def pairs_above(matrix: np.ndarray, threshold: float, chunk: int = CHUNK,
     """Every pair (i < j) of rows with cosine >= threshold: (i int64 [P], j int64 [P], cosine
     float32 [P]), ordered by i then j. Memory: chunk x N floats per step, plus the pairs;
     more than `max_pairs` pairs is a DuplicateError (the threshold is too low)."""
-    x = l2_normalize(matrix).astype(np.float32)
+    x = l2_normalize(matrix, dtype=np.float32)
     found_i, found_j, found_s, count = [], [], [], 0
     for start in range(0, len(x), chunk):
         s = x[start : start + chunk] @ x[start:].T  # this chunk against itself and the rows after it
@@ -194,7 +194,7 @@ def find_duplicates(matrix: np.ndarray, threshold: float | None = None, expected
 def cluster_rows(names: list[str], matrix: np.ndarray, found: Duplicates) -> list[dict]:
     """One row per image in a cluster: cluster (1-based), size, image, similarity (cosine to
     the cluster's first member) and max_pair_similarity (its best pair in the cluster)."""
-    x = l2_normalize(matrix).astype(np.float32)
+    x = l2_normalize(matrix, dtype=np.float32)
     best = np.full(len(names), -np.inf, np.float32)
     np.maximum.at(best, found.pair_i, found.pair_sim)
     np.maximum.at(best, found.pair_j, found.pair_sim)

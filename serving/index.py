@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `serving` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from serving.client import ClientError, parse_record  # noqa: E402
+from simsiam_tf.diagnostics.metrics import l2_normalize  # noqa: E402
 
 INSTALL = "pip install -r requirements-search.txt"
 LIBRARIES = ("usearch", "faiss")
@@ -90,12 +91,6 @@ def iter_batches(path: str, size: int = BATCH):
         yield names, np.asarray(rows, np.float32), version
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
 class AnnIndex:
     """An HNSW index of unit vectors under cosine similarity; ids are 0, 1, ... in order of `add`."""
 
@@ -131,7 +126,7 @@ class AnnIndex:
 
     def add(self, vectors: np.ndarray) -> None:
         """Append rows (l2-normalised here) with the next ids."""
-        vectors = _unit(vectors)
+        vectors = l2_normalize(vectors, dtype=np.float32)
         if vectors.shape[1] != self.dim:
             raise ClientError(f"{vectors.shape[1]}-dimensional embeddings for a {self.dim}-dimensional index; "
                               "build a new index for them")
@@ -145,7 +140,7 @@ class AnnIndex:
         """(ids int64 [Q, k], cosine similarities float32 [Q, k]), most similar first, as
         serving.similar.top_k; `exclude[i]` (or -1) is an id query i may not return.
         Fewer than k found (a tiny index): the row is padded with id -1, similarity -inf."""
-        queries = _unit(queries)
+        queries = l2_normalize(queries, dtype=np.float32)
         extra = int(exclude is not None)
         want = min(k + extra, len(self))
         if self.library == "usearch":

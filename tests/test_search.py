@@ -141,6 +141,24 @@ def test_exact_search_returns_the_known_neighbours():
     np.testing.assert_allclose(sims, np.take_along_axis(cos, idx, 1), atol=1e-5)
 
 
+def test_exact_search_does_not_copy_a_float32_bank():
+    # 1,000,000 x 512 embeddings are 2 GiB; a normalised copy would double that.
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(20000, 128)).astype(np.float32)  # 10 MiB
+    queries = rng.normal(size=(64, 128)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        idx, _ = similar.top_k(queries, bank, 5, chunk=2)  # per step: a few 2 x 20000 arrays
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < bank.nbytes / 4, f"top_k allocated {peak / 2**20:.1f} MiB for a {bank.nbytes / 2**20:.0f} MiB bank"
+    unit = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    assert (idx[:, 0] == np.argmax(queries @ unit.T, axis=1)).all()
+
+
 def test_precision_at_k():
     indices = np.array([[0, 1, 2], [2, 3, 0]])
     assert similar.precision_at(["a", "a", "b", "b"], ["a", "b"], indices) == pytest.approx((2 / 3 + 2 / 3) / 2)

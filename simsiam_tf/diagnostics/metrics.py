@@ -25,9 +25,11 @@ from threadpoolctl import threadpool_limits
 BANDWIDTH_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """x / ||x||_2 along `axis`; zero vectors stay zero (as tf.math.l2_normalize)."""
-    x = np.asarray(x, np.float64)
+def l2_normalize(x: np.ndarray, axis: int = -1, dtype=np.float64) -> np.ndarray:
+    """x / ||x||_2 along `axis`, computed and returned in `dtype`; zero vectors stay zero
+    (as tf.math.l2_normalize). float64 for the diagnostics' statistics; float32 for large
+    embedding matrices, where it makes one copy of x, not two."""
+    x = np.asarray(x, dtype)
     return x / np.sqrt(np.maximum(np.sum(x * x, axis=axis, keepdims=True), 1e-12))
 
 
