@@ -56,7 +56,7 @@ from simsiam_tf.optim import make_optimizer  # noqa: E402
 
 def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, width: int, preset: str = "cifar",
             image_size: int | None = None, fit_only: bool = False, batches: tf.data.Dataset | None = None,
-            augment_on: str = "host") -> dict:
+            augment_on: str = "host", rewrite: bool = False) -> dict:
     """Pairs per second of the fit step, the direct step and the backbone alone (see
     the module docstring), for `preset` at its image size or `image_size`.
 
@@ -65,8 +65,16 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
     batches: fit on these (a training input's batches, in the batch format, at least
     warmup + steps of them) instead of one constant batch: the step end to end, input
     included; `augment_on` as the input was made (device: train_step augments).
+    rewrite (bfloat16 only): a float32 model that grappler's
+    auto_mixed_precision_onednn_bfloat16 pass rewrites to bfloat16 when the step is
+    traced, instead of Keras's mixed_bfloat16 policy. It stays on for the process.
     """
     sized = {"image_size": image_size} if image_size else {}
+    if rewrite:
+        if precision != "bfloat16":
+            raise ValueError("rewrite=True is a way to compute in bfloat16: pass precision='bfloat16'")
+        tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
+        precision = "float32"  # the model as built; grappler makes its step bfloat16
     config = make_config(preset, precision=precision, batch_size=batch, width=width, augment_on=augment_on, **sized)
     keras.utils.set_random_seed(0)
     model = build_simsiam(config)
@@ -81,6 +89,7 @@ def measure(precision: str, jit: bool, batch: int, steps: int, warmup: int, widt
     clock = StepClock()
     model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[clock])
     step = float(np.median(clock.steps[warmup:]))
+    precision = "bfloat16" if rewrite else precision
     if fit_only:
         return {"precision": precision, "xla": jit, "step_pairs_per_s": batch / step}
 
@@ -159,7 +168,13 @@ def main(argv=None) -> int:
                    help="the model and image size: cifar (ResNet-18 CIFAR variant, 32 px; default) or imagenet "
                    "(ResNet-50, 224 px, 3-layer projector)")
     p.add_argument("--rounds", type=positive_int, default=1, help="repeat everything, alternating frameworks")
+    p.add_argument("--fit-only", action="store_true", help="time the fit step only (no direct step, no backbone)")
+    p.add_argument("--rewrite", action="store_true",
+                   help="bfloat16 by grappler's auto_mixed_precision_onednn_bfloat16 rewrite of a float32 model "
+                        "instead of Keras's mixed_bfloat16 policy (with --precision bfloat16)")
     args = p.parse_args(argv)
+    if args.rewrite and args.precision != "bfloat16":
+        p.error("--rewrite is a way to compute in bfloat16: pass --precision bfloat16 with it")
     if min(args.batch, args.steps, args.width, args.rounds) < 1:
         p.error("--batch, --steps, --width and --rounds must be at least 1")
     if args.torch and args.preset != "cifar":
@@ -175,19 +190,20 @@ def main(argv=None) -> int:
     for rnd in range(1, args.rounds + 1):
         for precision in precisions:
             for jit in xla:
-                row = {"framework": "simsiam_tf", "round": rnd, **measure(precision, jit, batch, steps, warmup, args.width, args.preset)}
+                row = {"framework": "simsiam_tf", "round": rnd,
+                       **measure(precision, jit, batch, steps, warmup, args.width, args.preset, fit_only=args.fit_only,
+                                 rewrite=args.rewrite)}
                 rows.append(row)
-                print(
-                    f"  round {rnd} ours    {precision:<9} xla={str(jit):<5} fit step {row['step_pairs_per_s']:6.1f} pairs/s   "
-                    f"direct step {row['direct_step_pairs_per_s']:6.1f}   backbone {row['backbone_pairs_per_s']:6.1f}   "
-                    f"ratios {row['step_over_backbone']:.3f} / {row['direct_over_backbone']:.3f}",
-                    flush=True,
-                )
+                rest = ("" if args.fit_only else
+                        f"   direct step {row['direct_step_pairs_per_s']:6.1f}   backbone {row['backbone_pairs_per_s']:6.1f}   "
+                        f"ratios {row['step_over_backbone']:.3f} / {row['direct_over_backbone']:.3f}")
+                print(f"  round {rnd} ours    {precision:<9} xla={str(jit):<5} fit step {row['step_pairs_per_s']:6.1f} pairs/s"
+                      + rest, flush=True)
             if python:
                 speed = torch_step(python, precision, batch, steps, args.width, threads)
                 rows.append({"framework": "pytorch", "round": rnd, "precision": precision, "step_pairs_per_s": speed})
                 print(f"  round {rnd} PyTorch {precision:<9} step {speed:6.1f} pairs/s", flush=True)
-    extra = {"batch": batch, "width": args.width, "threads": threads, "preset": args.preset}
+    extra = {"batch": batch, "width": args.width, "threads": threads, "preset": args.preset, "rewrite": args.rewrite}
 
     def best(precision, framework="simsiam_tf", jit=None):
         speeds = [r["step_pairs_per_s"] for r in rows if r["framework"] == framework and r["precision"] == precision

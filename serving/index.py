@@ -1,20 +1,20 @@
 """An approximate nearest-neighbour index of served embeddings, for large collections.
 
-    pip install -r requirements-search.txt                              # usearch (optional extra)
-    python -m serving.index --embeddings train.jsonl --index train.usearch
-    python -m serving.similar --index train.usearch --queries-from test.jsonl --precision-at 10
-    python -m serving.similar --index train.usearch --root photos --query cat/0001.jpg --k 8
+    pip install -r requirements-search.txt                              # faiss-cpu (optional extra)
+    python -m serving.index --embeddings train.jsonl --index train.faiss
+    python -m serving.similar --index train.faiss --queries-from test.jsonl --precision-at 10
+    python -m serving.similar --index train.faiss --root photos --query cat/0001.jpg --k 8
 
 The build reads the JSON lines of `python -m serving.client --folder` in one streaming
 pass, a few thousand lines at a time, so memory is the index's, not a float32 matrix
-of all the embeddings. The index is an HNSW graph (usearch by default, FAISS with
-`--library faiss`) over l2-normalised vectors stored as float16 (`--dtype`), searched
+of all the embeddings. The index is an HNSW graph (FAISS by default, usearch with
+`--library usearch`) over l2-normalised vectors stored as float16 (`--dtype`), searched
 by cosine similarity. Beside it, `PATH.names` maps the index's ids (0, 1, ...) to the
 images' names, with the library, dimension and model version on its first line. Both
 files are written under temporary names and renamed into place, index first, so a
 reader never sees a half-written pair.
 
-serving/README.md ("Large collections") has the measurements that chose usearch.
+serving/README.md ("Large collections") has the measurements that chose FAISS.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from serving.client import ClientError, parse_record  # noqa: E402
 from simsiam_tf.diagnostics.metrics import l2_normalize  # noqa: E402
 
 INSTALL = "pip install -r requirements-search.txt"
-LIBRARIES = ("usearch", "faiss")
+LIBRARIES = ("faiss", "usearch")  # the first is the default
 DTYPES = {"usearch": ("f16", "i8", "f32"), "faiss": ("f16", "f32")}
 CONNECTIVITY = 16  # HNSW's M: links per node
 EXPANSION_ADD = 128  # HNSW's efConstruction
@@ -187,7 +187,8 @@ class AnnIndex:
 
     @classmethod
     def load(cls, path: str, library: str, dim: int, dtype: str, threads: int = 0, view: bool = False) -> "AnnIndex":
-        """The index saved at `path`; `view` maps the file instead of reading it into memory."""
+        """The index saved at `path`; `view` maps the file instead of reading it into memory
+        (usearch; FAISS's HNSW index is read whole all the same, measured in serving/README.md)."""
         lib = _import(library)
         if library == "usearch":
             native = lib.Index.restore(path, view=view)
@@ -202,7 +203,7 @@ def _names_path(path: str) -> str:
     return path + ".names"
 
 
-def build(embeddings: str, path: str, library: str = "usearch", dtype: str = "f16", threads: int = 0,
+def build(embeddings: str, path: str, library: str = LIBRARIES[0], dtype: str = "f16", threads: int = 0,
           connectivity: int = CONNECTIVITY, expansion_add: int = EXPANSION_ADD, progress=None) -> AnnIndex:
     """Build the index of `embeddings` (a serving.client JSON-lines file) at `path`, with
     its names at `path`.names; streamed, BATCH lines at a time."""
@@ -267,7 +268,7 @@ def build_parser():
     b = Parser(prog="python -m serving.index", description=__doc__)
     b.add_argument("--embeddings", required=True, help="JSON-lines file of python -m serving.client --folder")
     b.add_argument("--index", required=True, help="index file to write (and INDEX.names beside it)")
-    b.add_argument("--library", choices=LIBRARIES, default="usearch", help="usearch (default) or faiss")
+    b.add_argument("--library", choices=LIBRARIES, default=LIBRARIES[0], help="faiss (default) or usearch")
     b.add_argument("--dtype", default="f16", help="stored vectors: f16 (default), i8 (usearch only) or f32")
     b.add_argument("--threads", default=0, type=_whole, help="threads (default 0: one per core)")
     b.add_argument("--connectivity", default=CONNECTIVITY, type=_whole, help=f"HNSW links per node (M, default {CONNECTIVITY})")

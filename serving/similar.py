@@ -4,7 +4,7 @@
     python -m serving.similar --embeddings photos.jsonl --root photos \\
         --query cat.jpg dogs/ --k 8 --out sheet.png                     # files, folders, or names
     python -m serving.similar --embeddings train.jsonl --queries-from test.jsonl --precision-at 10
-    python -m serving.similar --index train.usearch --queries-from test.jsonl --precision-at 10   # approximate
+    python -m serving.similar --index train.faiss --queries-from test.jsonl --precision-at 10   # approximate
 
 A query is a name in the embeddings file (its stored vector; the image itself is left
 out of its neighbours), an image file, or a folder of images; files and folders are
@@ -53,6 +53,7 @@ from simsiam_tf.diagnostics.metrics import l2_normalize  # noqa: E402
 CELL = 96  # pixels of one image on the sheet (CIFAR's 32 px, enlarged 3x)
 CAPTION = 14  # pixels of caption under each image
 GAP = 4  # pixels between images and around the sheet
+STEP_CELLS = 1 << 25  # query-by-bank similarities per step of exact search (plus their int64 ranks)
 
 
 def load_embeddings(path: str) -> tuple[list[str], np.ndarray, int | None]:
@@ -79,25 +80,29 @@ def top_k(queries: np.ndarray, bank: np.ndarray, k: int, exclude: np.ndarray | N
     most similar first (ties: lower index first).
 
     `queries` [Q, D] and `bank` [N, D] need not be normalised. `exclude[i]` (or -1) is a
-    bank row query i may not return, such as the query itself. Memory is a few chunk x N arrays
-    (the bank is not copied when it is float32).
+    bank row query i may not return, such as the query itself. Queries are answered
+    `chunk` at a time, fewer when N is large: each step holds a float32 and an int64
+    array of (rows x N) <= STEP_CELLS, about 400 MB. The bank is not copied when it is
+    float32 (1,000,000 x 512 floats are 2 GiB).
     """
     k = min(k, len(bank) - (exclude is not None))
     if k < 1:
         return np.zeros([len(queries), 0], np.int64), np.zeros([len(queries), 0], np.float32)
     bank = np.asarray(bank, np.float32)
-    # Cosines as (query . row) / |row|: the bank is never copied (1,000,000 x 512 floats are 2 GiB).
+    # Cosines as (query . row) / |row|, so the bank is never normalised into a copy.
     inverse_norms = 1.0 / np.sqrt(np.maximum(np.einsum("ij,ij->i", bank, bank), np.float32(1e-12)))
     queries = l2_normalize(queries, dtype=np.float32)
+    chunk = max(1, min(chunk, STEP_CELLS // len(bank)))
     indices, sims = [], []
     for start in range(0, len(queries), chunk):
-        s = queries[start : start + chunk] @ bank.T
-        s *= inverse_norms
+        distance = queries[start : start + chunk] @ bank.T
+        distance *= -inverse_norms  # minus the cosine, in place: argpartition takes the smallest
         if exclude is not None:
             rows = np.nonzero(exclude[start : start + chunk] >= 0)[0]
-            s[rows, exclude[start : start + chunk][rows]] = -np.inf
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        part_sims = np.take_along_axis(s, part, axis=1)
+            distance[rows, exclude[start : start + chunk][rows]] = np.inf
+        part = np.argpartition(distance, k - 1, axis=1)[:, :k]
+        part_sims = -np.take_along_axis(distance, part, axis=1)
+        del distance
         order = np.lexsort((part, -part_sims), axis=1)  # by similarity, then by index
         indices.append(np.take_along_axis(part, order, axis=1))
         sims.append(np.take_along_axis(part_sims, order, axis=1))

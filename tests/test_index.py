@@ -126,7 +126,7 @@ def test_a_stored_vector_finds_itself_unless_excluded(library, tmp_path):
 
 
 def test_a_failed_build_keeps_the_old_index_and_leaves_no_temporary_file(tmp_path):
-    need("usearch.index")
+    need(LIBRARY[ann.LIBRARIES[0]])  # the default library
     names, vectors = clustered(50)
     out = str(tmp_path / "bank.idx")
     ann.build(write_jsonl(tmp_path / "e.jsonl", names, vectors), out)
@@ -141,7 +141,7 @@ def test_a_failed_build_keeps_the_old_index_and_leaves_no_temporary_file(tmp_pat
 
 
 def test_an_index_and_names_that_disagree_are_refused(tmp_path):
-    need("usearch.index")
+    need(LIBRARY[ann.LIBRARIES[0]])  # the default library
     names, vectors = clustered(30)
     out = str(tmp_path / "bank.idx")
     ann.build(write_jsonl(tmp_path / "e.jsonl", names, vectors), out)
@@ -207,15 +207,15 @@ def test_the_skip_turns_into_a_failure_under_ci(monkeypatch):
 
 
 def test_the_command_line_builds_an_index(tmp_path):
-    need("usearch.index")
+    need(LIBRARY[ann.LIBRARIES[0]])  # the default library
     names, vectors = clustered(40)
     emb = write_jsonl(tmp_path / "e.jsonl", names, vectors)
-    done = subprocess.run([sys.executable, "-m", "serving.index", "--embeddings", emb, "--index", str(tmp_path / "b.usearch")],
+    done = subprocess.run([sys.executable, "-m", "serving.index", "--embeddings", emb, "--index", str(tmp_path / "b.faiss")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "(40 vectors of 16 dimensions, usearch HNSW, f16;" in done.stdout
+    assert "(40 vectors of 16 dimensions, faiss HNSW, f16;" in done.stdout
     done = subprocess.run([sys.executable, "-m", "serving.index", "--embeddings", str(tmp_path / "none.jsonl"),
-                           "--index", str(tmp_path / "c.usearch")], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           "--index", str(tmp_path / "c.faiss")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "none.jsonl" in done.stderr
 
 
