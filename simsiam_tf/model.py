@@ -32,7 +32,7 @@ import math
 import keras
 import tensorflow as tf
 
-from simsiam_tf import losses
+from simsiam_tf import conv_grad, losses
 from simsiam_tf.input import batches
 
 BN_MOMENTUM = 0.9
@@ -167,17 +167,27 @@ class Conv2D(keras.layers.Conv2D):
             # shortcut at --width 4, say): 30-96% off, while the forward pass and the
             # input gradient are right (tests/test_model.py checks against NumPy).
             sh, sw = self.strides
-            return tf.nn.conv2d(inputs[:, ::sh, ::sw, :], tf.cast(kernel, inputs.dtype), 1, "VALID")
+            return self._conv(inputs[:, ::sh, ::sw, :], kernel, (1, 1), "VALID")
         if not self.pad:
-            return super().convolution_op(inputs, kernel)
+            return self._conv(inputs, kernel, self.strides, "VALID")
         (top, bottom), (left, right) = (self._read_padding(inputs.shape[1 + a], a) for a in (0, 1))
-        kernel = tf.cast(kernel, inputs.dtype)
         if self.strides == (1, 1) and top == bottom == left == right and all(
             (k - 1) * d == 2 * self.pad for k, d in zip(self.kernel_size, self.dilation_rate)
         ):
-            return tf.nn.conv2d(inputs, kernel, 1, "SAME", dilations=self.dilation_rate)
+            return self._conv(inputs, kernel, (1, 1), "SAME")
         x = tf.pad(inputs, [[0, 0], [top, bottom], [left, right], [0, 0]])
-        return tf.nn.conv2d(x, kernel, self.strides, "VALID", dilations=self.dilation_rate)
+        return self._conv(x, kernel, self.strides, "VALID")
+
+    def _conv(self, x, kernel, strides, padding):
+        """tf.nn.conv2d; on small bfloat16 maps on CPUs with the kernel gradient of
+        simsiam_tf.conv_grad, which TensorFlow's oneDNN computes at half speed there."""
+        kernel = tf.cast(kernel, x.dtype)
+        reach = [(k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation_rate)]
+        out = [None if n is None else (n - r if padding == "VALID" else n - 1) // s + 1
+               for n, r, s in zip(x.shape[1:3], reach, strides)]
+        if conv_grad.wanted(x, self.filters, self.dilation_rate, out):
+            return conv_grad.conv2d(x, kernel, strides, padding)
+        return tf.nn.conv2d(x, kernel, strides, padding, dilations=self.dilation_rate)
 
     def compute_output_shape(self, input_shape):
         batch, h, w, channels = input_shape

@@ -174,6 +174,8 @@ BAD_ARGUMENTS = [
     ("torch_parity.py", ["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
     ("end_to_end.py", ["--epochs", "two"], "argument --epochs: expected a whole number, got 'two'"),
     ("gpu_check.py", ["--budget", "soon"], "argument --budget: expected a number, got 'soon'"),
+    ("train_step.py", ["--rewrite", "--precision", "float32"], "--rewrite is a way to compute in bfloat16: pass --precision bfloat16"),
+    ("bf16_options.py", ["--options", "policy,faster"], "unknown option faster; choose from policy,rewrite,"),
 ]
 
 
