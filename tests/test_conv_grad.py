@@ -13,7 +13,8 @@ from simsiam_tf import model as model_lib
 CASES = [
     ((3, 4, 4, 8), (3, 3, 8, 6), (1, 1), "SAME"),  # 3x3 convolution, stride 1
     ((3, 9, 9, 5), (3, 3, 5, 6), (2, 2), "VALID"),  # 3x3, stride 2, on a map padded beforehand
-    ((3, 4, 4, 5), (1, 1, 5, 7), (1, 1), "VALID"),  # the 1x1 shortcut on the subsampled map
+    ((3, 8, 8, 5), (1, 1, 5, 7), (2, 2), "VALID"),  # the 1x1 stride-2 shortcut
+    ((3, 4, 4, 5), (1, 1, 5, 7), (1, 1), "VALID"),  # the same on the subsampled map (<= 5 channels)
     ((2, 5, 7, 4), (3, 1, 4, 3), (1, 2), "VALID"),  # uneven kernel and strides
 ]
 
@@ -94,8 +95,8 @@ def test_the_bfloat16_backbone_uses_it_in_stage_4_only_with_the_same_gradients(m
         return {v.path: g for v, g in zip(backbone.trainable_variables, tape.gradient(loss, backbone.trainable_variables))}
 
     ours = kernel_grads()
-    # Stage 4's convolutions: 3x3 stride 2 (padded 9 x 9 input), three 3x3 at 4 x 4, the 1x1 shortcut.
-    assert sorted(tuple(s) for s in calls) == [(4, 4, 32), (4, 4, 64), (4, 4, 64), (4, 4, 64), (9, 9, 32)]
+    # Stage 4's convolutions: 3x3 stride 2 (padded 9 x 9 input), three 3x3 at 4 x 4, the 1x1 stride-2 shortcut.
+    assert sorted(tuple(s) for s in calls) == [(4, 4, 64), (4, 4, 64), (4, 4, 64), (8, 8, 32), (9, 9, 32)]
     monkeypatch.setattr(conv_grad, "MIN_FILTERS", 10 ** 9)  # TensorFlow's kernels everywhere
     theirs = kernel_grads()
     assert ours.keys() == theirs.keys()
