@@ -14,7 +14,7 @@ method itself needs.
 
 Each method runs in its own process, one after the other, so that its peak resident
 memory (ru_maxrss) is its own: exact search (serving/similar.py's top_k on a float32
-matrix, 128 queries per matrix product), usearch and FAISS HNSW (float16 vectors,
+matrix, with its own step size), usearch and FAISS HNSW (float16 vectors,
 M 16, efConstruction 128, the same settings for both; searched with each `--ef`, 64 by default), each built by
 serving/index.py's AnnIndex, saved, loaded and queried. `--embeddings FILE` builds
 from a client's JSON lines with `serving.index.build` (the streaming pass) instead;
@@ -108,10 +108,10 @@ def worker(args) -> dict:
                 bank[start : start + len(chunk)] = chunk
         result["load_s"] = time.perf_counter() - started
         started, cpu = time.perf_counter(), time.process_time()
-        ids, _ = top_k(queries, bank, args.k, exclude, chunk=128)
+        ids, _ = top_k(queries, bank, args.k, exclude)
         result["qps_batch"] = len(queries) / (time.perf_counter() - started)
         result["cpu_ms_batch"] = 1000 * (time.process_time() - cpu) / len(queries)
-        unit = bank  # already unit length: the batch-1 loop skips top_k's normalising copy
+        unit = bank  # synthetic rows are unit length: one query reads the matrix once, not again for top_k's norms
 
         def one(q, i=[0]):
             s = unit @ q[0]
