@@ -182,12 +182,12 @@ class Conv2D(keras.layers.Conv2D):
 
     def _conv(self, x, kernel, strides, padding):
         """tf.nn.conv2d; on small bfloat16 maps on CPUs with the kernel gradient of
-        simsiam_tf.conv_grad, which TensorFlow's oneDNN computes at half speed there."""
+        simsiam_tf.conv_grad, which TensorFlow's oneDNN computes slowly there."""
         kernel = tf.cast(kernel, x.dtype)
         reach = [(k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation_rate)]
         out = [None if n is None else (n - r if padding == "VALID" else n - 1) // s + 1
                for n, r, s in zip(x.shape[1:3], reach, strides)]
-        if conv_grad.wanted(x, self.filters, self.dilation_rate, out):
+        if conv_grad.wanted(x, self.kernel_size, self.dilation_rate, out):
             return conv_grad.conv2d(x, kernel, strides, padding)
         return tf.nn.conv2d(x, kernel, strides, padding, dilations=self.dilation_rate)
 

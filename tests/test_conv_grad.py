@@ -1,5 +1,5 @@
-"""The convolution with a matmul kernel gradient (simsiam_tf/conv_grad.py) against
-TensorFlow's own convolution gradients, and where the model uses it."""
+"""The convolution whose kernel gradient is a forward convolution (simsiam_tf/conv_grad.py)
+against TensorFlow's own convolution gradients and the definition, and where the model uses it."""
 
 import keras
 import numpy as np
@@ -9,13 +9,14 @@ import tensorflow as tf
 from simsiam_tf import conv_grad
 from simsiam_tf import model as model_lib
 
-# (input shape, kernel shape, strides, padding): the ResNet-18 stage-4 forms, small.
+# (input shape, kernel shape, strides, padding): the ResNet-18 stage-3 and -4 forms, small.
 CASES = [
     ((3, 4, 4, 8), (3, 3, 8, 6), (1, 1), "SAME"),  # 3x3 convolution, stride 1
     ((3, 9, 9, 5), (3, 3, 5, 6), (2, 2), "VALID"),  # 3x3, stride 2, on a map padded beforehand
     ((3, 8, 8, 5), (1, 1, 5, 7), (2, 2), "VALID"),  # the 1x1 stride-2 shortcut
     ((3, 4, 4, 5), (1, 1, 5, 7), (1, 1), "VALID"),  # the same on the subsampled map (<= 5 channels)
     ((2, 5, 7, 4), (3, 1, 4, 3), (1, 2), "VALID"),  # uneven kernel and strides
+    ((2, 10, 9, 3), (3, 3, 3, 4), (2, 2), "VALID"),  # a strided map with rows and columns never read
 ]
 
 
@@ -68,20 +69,19 @@ def test_same_padding_needs_stride_one_and_an_odd_kernel():
         conv_grad.conv2d(x, kernel, (1, 1), "SAME")
 
 
-def test_only_small_wide_bfloat16_maps_take_it():
-    bf16, fp32 = tf.zeros([1, 4, 4, 8], tf.bfloat16), tf.zeros([1, 4, 4, 8])
-    assert conv_grad.wanted(bf16, 512, (1, 1), (4, 4))
-    assert not conv_grad.wanted(fp32, 512, (1, 1), (4, 4))  # float32: TensorFlow's kernel
-    assert not conv_grad.wanted(bf16, 256, (1, 1), (4, 4))  # narrower: measured slower
-    assert not conv_grad.wanted(bf16, 512, (1, 1), (8, 8))  # larger map: no faster
-    assert not conv_grad.wanted(bf16, 512, (2, 2), (4, 4))  # dilated
-    assert not conv_grad.wanted(bf16, 512, (1, 1), (None, 4))  # unknown size
+def test_only_small_bfloat16_maps_with_wide_kernels_take_it():
+    bf16, fp32 = tf.zeros([1, 8, 8, 8], tf.bfloat16), tf.zeros([1, 8, 8, 8])
+    assert conv_grad.wanted(bf16, (3, 3), (1, 1), (8, 8))
+    assert conv_grad.wanted(bf16, (3, 3), (1, 1), (4, 4))
+    assert not conv_grad.wanted(fp32, (3, 3), (1, 1), (4, 4))  # float32: TensorFlow's kernel
+    assert not conv_grad.wanted(bf16, (1, 1), (1, 1), (4, 4))  # 1x1 shortcut: measured slower
+    assert not conv_grad.wanted(bf16, (3, 3), (1, 1), (16, 16))  # larger map: measured slower
+    assert not conv_grad.wanted(bf16, (3, 3), (2, 2), (4, 4))  # dilated
+    assert not conv_grad.wanted(bf16, (3, 3), (1, 1), (None, 4))  # unknown size
 
 
-def test_the_bfloat16_backbone_uses_it_in_stage_4_only_with_the_same_gradients(monkeypatch):
-    # Width 64 makes stage 4 512 channels wide on 4 x 4 maps (32 px input); a narrower
-    # MIN_FILTERS lets a cheap width-8 network (64 channels) take the same path.
-    monkeypatch.setattr(conv_grad, "MIN_FILTERS", 64)
+def test_the_bfloat16_backbone_uses_it_in_stages_3_and_4_with_the_same_gradients(monkeypatch):
+    # A 32 px input gives stage 3 8 x 8 maps and stage 4 4 x 4 maps, at any width.
     calls = []
     original = conv_grad.conv2d
     monkeypatch.setattr(conv_grad, "conv2d", lambda *a: calls.append(a[0].shape[1:]) or original(*a))
@@ -95,11 +95,37 @@ def test_the_bfloat16_backbone_uses_it_in_stage_4_only_with_the_same_gradients(m
         return {v.path: g for v, g in zip(backbone.trainable_variables, tape.gradient(loss, backbone.trainable_variables))}
 
     ours = kernel_grads()
-    # Stage 4's convolutions: 3x3 stride 2 (padded 9 x 9 input), three 3x3 at 4 x 4, the 1x1 stride-2 shortcut.
-    assert sorted(tuple(s) for s in calls) == [(4, 4, 64), (4, 4, 64), (4, 4, 64), (8, 8, 32), (9, 9, 32)]
-    monkeypatch.setattr(conv_grad, "MIN_FILTERS", 10 ** 9)  # TensorFlow's kernels everywhere
+    # Each stage's 3x3 stride-2 convolution (on its input padded to 17 x 17 and 9 x 9) and
+    # three 3x3 at 8 x 8 and 4 x 4; not the 1x1 stride-2 shortcuts.
+    assert sorted(tuple(s) for s in calls) == sorted([(17, 17, 16), *[(8, 8, 32)] * 3, (9, 9, 32), *[(4, 4, 64)] * 3])
+    monkeypatch.setattr(conv_grad, "SMALL_MAP", 0)  # TensorFlow's kernels everywhere
+    calls.clear()
     theirs = kernel_grads()
+    assert not calls
     assert ours.keys() == theirs.keys()
     for name in ours:
         a, b = (tf.cast(g, tf.float32).numpy() for g in (ours[name], theirs[name]))
         np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02 * np.abs(b).max() + 1e-6, err_msg=name)
+
+
+def test_the_kernel_gradient_benchmark_times_every_layer_three_ways():
+    # benchmarks/kernel_gradient.py, behind docs/performance.md's per-layer table, at a
+    # tiny size: the numbers are not judged, only that every distinct convolution of the
+    # ResNet-18 gets a time per method and the ratios are the times' ratios.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_gradient.py"),
+                           "--width", "4", "--batch", "2", "--repeats", "1"],
+                          capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["layer"] for r in rows][:3] == ["stem", "stage1 3x3", "stage2 3x3/2"] and len(rows) == 11
+    assert [r["map"] for r in rows if r["layer"].startswith("stage4")] == ["4x4"] * 3
+    for r in rows:
+        assert all(r[f"{m}_ms"] > 0 for m in ("backprop_filter", "taps", "transposed")), r
+        assert abs(r["transposed_speedup"] - r["backprop_filter_ms"] / r["transposed_ms"]) < 0.01, r
