@@ -95,7 +95,7 @@ def test_the_bfloat16_backbone_uses_it_in_stages_3_and_4_with_the_same_gradients
         return {v.path: g for v, g in zip(backbone.trainable_variables, tape.gradient(loss, backbone.trainable_variables))}
 
     ours = kernel_grads()
-    # Each stage's 3x3 stride-2 convolution (on its input padded to 17 x 17 and 9 x 9) and
+    # Stages 3 and 4: each one's 3x3 stride-2 convolution (on its input padded to 17 x 17 and 9 x 9) and
     # three 3x3 at 8 x 8 and 4 x 4; not the 1x1 stride-2 shortcuts.
     assert sorted(tuple(s) for s in calls) == sorted([(17, 17, 16), *[(8, 8, 32)] * 3, (9, 9, 32), *[(4, 4, 64)] * 3])
     monkeypatch.setattr(conv_grad, "SMALL_MAP", 0)  # TensorFlow's kernels everywhere
