@@ -64,8 +64,14 @@ def test_input_pipeline_reports_all_pipelines(python, cifar_dir):
 
 
 def test_stream_epoch_reports_rate_and_peak_memory(python, cifar_dir):
-    out = _run(python, "stream_epoch.py", "--images", "40", "--batch", "8", "--source", "tfrecord")
+    # --augment-on device: decode, crop and resize only, without the colour steps' XLA
+    # kernels to compile. stream_epoch.py only passes the placement on to the stream,
+    # whose host augmentation at 224 px test_input_pipeline_reports_all_pipelines runs
+    # ("stream tfrecord", "full").
+    out = _run(python, "stream_epoch.py", "--images", "40", "--batch", "8", "--source", "tfrecord",
+               "--augment-on", "device")
     (row,) = out["rows"]
+    assert row["augment_on"] == "device"
     assert row["pairs"] == 40 and _positive(row["pairs_per_s_per_core"]) and _positive(row["peak_rss_mb"])
     assert math.isclose(row["in_memory_would_need_mb"], 40 * 224 * 224 * 3 / 2**20)
 
@@ -80,10 +86,12 @@ def test_data_service_reports_in_process_and_service_rates(python, cifar_dir):
 
 
 def test_train_step_reports_both_precisions_with_and_without_xla(python):
-    # Two runs instead of the four-row grid: every XLA row costs three XLA compiles
-    # (fit, direct step, backbone; 35-45 s on a 2-core CPU), a row without XLA 9 s. Both
-    # precisions without XLA (and their ratio), then bfloat16 with XLA; float32 under XLA
-    # is the train step tests/test_xla.py compiles and compares.
+    # Two runs instead of the four-row grid. Both precisions without XLA, with the
+    # direct step, the backbone and the ratios; then bfloat16 with XLA and --fit-only:
+    # one XLA compile (the fit step) instead of three (fit, direct step, backbone: 35-45
+    # s on a 2-core CPU). With XLA the direct step and the backbone run the code checked
+    # above with jit_compile=True, and fit's compiled step is the same train_step; float32
+    # under XLA is the train step tests/test_xla.py compiles and compares.
     tiny = ("--batch", "8", "--steps", "1", "--width", "4")
     out = _run(python, "train_step.py", *tiny, "--xla", "off")
     rows = {(r["precision"], r["xla"]): r for r in out["rows"]}
@@ -93,13 +101,14 @@ def test_train_step_reports_both_precisions_with_and_without_xla(python):
         rows[("bfloat16", False)]["step_pairs_per_s"] / rows[("float32", False)]["step_pairs_per_s"],
         abs_tol=1e-3,
     )
-    jit = _run(python, "train_step.py", *tiny, "--xla", "on", "--precision", "bfloat16")
-    assert [(r["precision"], r["xla"]) for r in jit["rows"]] == [("bfloat16", True)]
-    assert "bf16_over_fp32_no_xla" not in jit
-    for r in [*rows.values(), *jit["rows"]]:
+    for r in rows.values():
         for key in ("step_pairs_per_s", "direct_step_pairs_per_s", "backbone_pairs_per_s"):
             assert _positive(r[key]), (key, r)
         assert math.isclose(r["step_over_backbone"], r["backbone_pairs_per_s"] / r["step_pairs_per_s"], rel_tol=1e-6)
+    jit = _run(python, "train_step.py", *tiny, "--xla", "on", "--precision", "bfloat16", "--fit-only")
+    (row,) = jit["rows"]
+    assert (row["precision"], row["xla"]) == ("bfloat16", True) and _positive(row["step_pairs_per_s"]), row
+    assert "direct_step_pairs_per_s" not in row and "bf16_over_fp32_no_xla" not in jit  # fit step only
 
 
 def test_end_to_end_reports_input_wait_and_memory_per_epoch(python, cifar_dir):

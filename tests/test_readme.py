@@ -6,6 +6,7 @@ README passes must be in it. (argparse acts on `--help` as soon as it meets it, 
 appending `--help` to a command line alone would not catch a flag that does not exist.)
 """
 
+import json
 import os
 import re
 import shlex
@@ -68,20 +69,67 @@ def test_the_parser_finds_the_commands_it_must_check():
 
 _HELPS = {}
 
+# Every program's `--help` in one process (many import TensorFlow before they parse:
+# seconds per process on a 2-core CPU), each run as `python PROGRAM --help` runs it:
+# its own sys.argv, sys.path[0] its folder (a script) or the working directory (-m).
+_HELP_RUNNER = """
+import contextlib, io, json, os, runpy, sys, traceback
+results, path = {}, list(sys.path)
+for program in json.loads(sys.argv[1]):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.path[:] = path  # what an earlier program inserted is gone
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            if program[0] == "-m":
+                sys.argv = [program[1], "--help"]
+                runpy.run_module(program[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv, sys.path[0] = [program[0], "--help"], os.path.dirname(os.path.abspath(program[0]))
+                runpy.run_path(program[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results[" ".join(program)] = {"code": code, "stdout": out.getvalue()}
+print(json.dumps(results))
+"""
 
-def command_problems(readme_text):
-    """Each flag a README command passes that its program's --help does not list."""
-    missing = []
-    for command in shown_commands(readme_text):
-        program, args = entry_point(shlex.split(command.replace("$PWD", REPO)))
-        key = " ".join(program[1:])
-        if key not in _HELPS:
+
+def _read_helps(programs):
+    """Fill _HELPS for `programs` (argv lists from entry_point). A program whose --help
+    fails or prints nothing in the shared process runs again in a process of its own,
+    so what another program left behind there cannot fail (or pass) the check."""
+    wanted = {" ".join(p[1:]): p for p in programs if " ".join(p[1:]) not in _HELPS}
+    if not wanted:
+        return
+    shared = subprocess.run([sys.executable, "-c", _HELP_RUNNER, json.dumps([p[1:] for p in wanted.values()])],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = shared.stdout.strip().splitlines()
+    results = json.loads(lines[-1]) if shared.returncode == 0 and lines else {}
+    for key, program in wanted.items():
+        result = results.get(key, {"code": None, "stdout": ""})
+        if result["code"] != 0 or not result["stdout"].strip():
             proc = subprocess.run(program + ["--help"], cwd=REPO, env=ENV, capture_output=True, text=True,
                                   timeout=120)
             assert proc.returncode == 0, f"{key} --help exited {proc.returncode}: {proc.stderr[-500:]}"
-            _HELPS[key] = proc.stdout
+            result = {"stdout": proc.stdout}
+        _HELPS[key] = result["stdout"]
+
+
+def _commands(text):
+    """(command, program argv, its arguments) for each command `text` shows."""
+    return [(command, *entry_point(shlex.split(command.replace("$PWD", REPO)))) for command in shown_commands(text)]
+
+
+def command_problems(readme_text):
+    """Each flag a README command passes that its program's --help does not list."""
+    commands = _commands(readme_text)
+    _read_helps([program for _, program, _ in commands])
+    missing = []
+    for command, program, args in commands:
         for flag in flags(args):
-            if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", _HELPS[key]):
+            if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", _HELPS[" ".join(program[1:])]):
                 missing.append(f"{command}: {flag}")
     return missing
 
@@ -97,10 +145,14 @@ DOCS = sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(REPO, "do
 
 def test_every_doc_command_uses_flags_its_program_has():
     # The same check on every page the README links: a newcomer follows those too.
-    missing = []
+    texts = {}
     for doc in DOCS:
         with open(os.path.join(REPO, doc), encoding="utf-8") as f:
-            missing += [f"{doc}: {m}" for m in command_problems(f.read())]
+            texts[doc] = f.read()
+    _read_helps([program for text in texts.values() for _, program, _ in _commands(text)])  # one process for all
+    missing = []
+    for doc, text in texts.items():
+        missing += [f"{doc}: {m}" for m in command_problems(text)]
     assert not missing, "doc commands with flags their program does not have:\n" + "\n".join(missing)
 
 
