@@ -34,6 +34,7 @@ from common import Parser, batch_size, positive_int, report  # noqa: E402
 TORCH_SCRIPT = r"""
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[2]))
+BATCH = int(sys.argv[3])
 rows = []
 for name, size, cin, cout, k, stride, repeats in json.loads(sys.argv[1]):
     out = (size + 2 * (k // 2) - k) // stride + 1
@@ -117,9 +118,8 @@ def time_tensorflow(shapes, batch: int, repeats: int, threads: int) -> list[dict
 
 
 def time_torch(python: str, shapes, batch: int, repeats: int, threads: int) -> list[float]:
-    script = TORCH_SCRIPT.replace("BATCH", str(batch))
     arg = json.dumps([[*s, repeats] for s in shapes])
-    done = subprocess.run([python, "-c", script, arg, str(threads)], capture_output=True, text=True)
+    done = subprocess.run([python, "-c", TORCH_SCRIPT, arg, str(threads), str(batch)], capture_output=True, text=True)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"error: the PyTorch timing failed ({last})")
